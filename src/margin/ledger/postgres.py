@@ -1,0 +1,157 @@
+"""PostgreSQL ledger (asyncpg): the scale-out store shared by many gateway replicas."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from margin.ledger.schema import EVENT_FIELDS, JSON_FIELDS, KEY_FIELDS, MIGRATIONS, MONEY_FIELDS, Row, quoted
+from margin.ledger.store import StoreUnavailable
+
+_INSERT_EVENTS = (
+    f"INSERT INTO events ({quoted(EVENT_FIELDS)}) VALUES "
+    f"({', '.join(f'${i + 1}' for i in range(len(EVENT_FIELDS)))}) ON CONFLICT (event_id) DO NOTHING"
+)
+_MIGRATION_LOCK = 0x6D617267  # "marg": replicas starting together migrate one at a time
+
+# Errors that mean "the database is not there right now" rather than "this row is wrong".
+_OUTAGE = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+           asyncpg.InterfaceError, asyncpg.exceptions.AdminShutdownError, TimeoutError)
+
+
+def _to_pg(field: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if field in MONEY_FIELDS:
+        return Decimal(value)
+    if field in ("ts_start", "ts_end", "created_at", "revoked_at"):
+        return datetime.fromisoformat(value) if isinstance(value, str) else value
+    if field == "stream":
+        return bool(value)
+    return value
+
+
+def _from_pg(record: asyncpg.Record) -> Row:
+    out: Row = {}
+    for k, v in record.items():
+        if isinstance(v, Decimal):
+            v = str(v)
+        elif isinstance(v, datetime):
+            v = v.isoformat()
+        elif k == "event_id":
+            v = str(v)
+        elif k == "stream":
+            v = int(v)
+        out[k] = v
+    return out
+
+
+class PostgresStore:
+    def __init__(self, url: str, min_size: int = 1, max_size: int = 4, timeout_s: float = 5.0):
+        self.url = url
+        self._min, self._max, self._timeout = min_size, max_size, timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self.url, min_size=self._min, max_size=self._max, timeout=self._timeout,
+                    command_timeout=30,
+                )
+            except _OUTAGE as e:
+                raise StoreUnavailable(f"postgres: {e}") from e
+        return self._pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        pool = await self._get_pool()
+        try:
+            rows: list[asyncpg.Record] = await pool.fetch(sql, *args)
+            return rows
+        except _OUTAGE as e:
+            raise StoreUnavailable(f"postgres: {e}") from e
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        pool = await self._get_pool()
+        try:
+            status: str = await pool.execute(sql, *args)
+            return status
+        except _OUTAGE as e:
+            raise StoreUnavailable(f"postgres: {e}") from e
+
+    async def open(self) -> None:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT, applied_at TIMESTAMPTZ DEFAULT now())"
+            )
+            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for m in MIGRATIONS:
+                if m.version in done:
+                    continue
+                for stmt in m.postgres:
+                    await conn.execute(stmt)
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await pool.close()
+            except _OUTAGE:
+                pool.terminate()
+
+    async def schema_version(self) -> int:
+        return int((await self._fetch("SELECT MAX(version) FROM schema_migrations"))[0][0])
+
+    async def write_events(self, rows: list[Row]) -> None:
+        pool = await self._get_pool()
+        args = [tuple(_to_pg(f, r.get(f)) for f in EVENT_FIELDS) for r in rows]
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.executemany(_INSERT_EVENTS, args)
+        except _OUTAGE as e:
+            raise StoreUnavailable(f"postgres: {e}") from e
+
+    async def count_events(self) -> int:
+        return int((await self._fetch("SELECT COUNT(*) FROM events"))[0][0])
+
+    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+        rows = await self._fetch(
+            "SELECT * FROM events WHERE ($1::timestamptz IS NULL OR ts_start >= $1) "
+            "AND ($2::timestamptz IS NULL OR ts_start < $2) ORDER BY ts_start",
+            since, until,
+        )
+        out = [_from_pg(r) for r in rows]
+        for r in out:
+            for f in JSON_FIELDS:
+                if r.get(f) is None:
+                    r[f] = "{}" if f == "tags" else "[]"
+        return out
+
+    async def insert_key(self, row: Row) -> None:
+        sql = (f"INSERT INTO keys ({quoted(KEY_FIELDS)}) VALUES "
+               f"({', '.join(f'${i + 1}' for i in range(len(KEY_FIELDS)))})")
+        await self._execute(sql, *(_to_pg(f, row.get(f)) for f in KEY_FIELDS))
+
+    async def key_by_hash(self, key_hash: str) -> Row | None:
+        rows = await self._fetch("SELECT * FROM keys WHERE key_hash = $1", key_hash)
+        return _from_pg(rows[0]) if rows else None
+
+    async def key_by_id(self, key_id: str) -> Row | None:
+        rows = await self._fetch("SELECT * FROM keys WHERE key_id = $1", key_id)
+        return _from_pg(rows[0]) if rows else None
+
+    async def list_keys(self) -> list[Row]:
+        return [_from_pg(r) for r in await self._fetch("SELECT * FROM keys ORDER BY created_at")]
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        status = await self._execute(
+            "UPDATE keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL", at, key_id
+        )
+        return status.endswith(" 1")

@@ -1,0 +1,194 @@
+"""The ledger event as a row, and versioned migrations for SQLite and PostgreSQL.
+
+Rows are plain dicts of JSON-able values (Decimal as str, time as ISO-8601 UTC) so the same row
+can go to either store or to the disk spool and back without loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from margin.domain import Event
+
+Row = dict[str, Any]
+
+# (name, sqlite type, postgres type). Money is TEXT in SQLite (exact), NUMERIC in PostgreSQL.
+EVENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("event_id", "TEXT PRIMARY KEY", "UUID PRIMARY KEY"),
+    ("ts_start", "TEXT NOT NULL", "TIMESTAMPTZ NOT NULL"),
+    ("ts_end", "TEXT NOT NULL", "TIMESTAMPTZ NOT NULL"),
+    ("request_id", "TEXT", "TEXT"),
+    ("parent_event_id", "TEXT", "TEXT"),
+    ("run_id", "TEXT", "TEXT"),
+    ("step", "TEXT", "TEXT"),
+    ("workflow", "TEXT", "TEXT"),
+    ("agent", "TEXT", "TEXT"),
+    ("tool", "TEXT", "TEXT"),
+    ("org", "TEXT", "TEXT"),
+    ("team", "TEXT", "TEXT"),
+    ("user", "TEXT", "TEXT"),
+    ("key_id", "TEXT", "TEXT"),
+    ("app", "TEXT", "TEXT"),
+    ("env", "TEXT", "TEXT"),
+    ("tags", "TEXT", "JSONB"),
+    ("endpoint", "TEXT", "TEXT"),
+    ("requested_model", "TEXT", "TEXT"),
+    ("model", "TEXT", "TEXT"),
+    ("provider", "TEXT", "TEXT"),
+    ("tier", "TEXT", "TEXT"),
+    ("route_reason", "TEXT", "TEXT"),
+    ("stream", "INTEGER", "BOOLEAN"),
+    ("input_tokens", "INTEGER", "INTEGER"),
+    ("cached_input_tokens", "INTEGER", "INTEGER"),
+    ("cache_write_tokens", "INTEGER", "INTEGER"),
+    ("output_tokens", "INTEGER", "INTEGER"),
+    ("reasoning_tokens", "INTEGER", "INTEGER"),
+    ("usage_source", "TEXT", "TEXT"),
+    ("cost_usd", "TEXT", "NUMERIC"),
+    ("cost_input_usd", "TEXT", "NUMERIC"),
+    ("cost_output_usd", "TEXT", "NUMERIC"),
+    ("cost_cache_read_usd", "TEXT", "NUMERIC"),
+    ("cost_cache_write_usd", "TEXT", "NUMERIC"),
+    ("price_source", "TEXT", "TEXT"),
+    ("lever", "TEXT", "TEXT"),
+    ("avoided_cost_usd", "TEXT", "NUMERIC"),
+    ("tokens_saved", "INTEGER", "INTEGER"),
+    ("cache_hit", "TEXT", "TEXT"),
+    ("latency_ms", "REAL", "DOUBLE PRECISION"),
+    ("ttft_ms", "REAL", "DOUBLE PRECISION"),
+    ("tpot_ms", "REAL", "DOUBLE PRECISION"),
+    ("status", "INTEGER", "INTEGER"),
+    ("error_type", "TEXT", "TEXT"),
+    ("energy_j", "REAL", "DOUBLE PRECISION"),
+    ("actions", "TEXT", "JSONB"),
+)
+EVENT_FIELDS: tuple[str, ...] = tuple(c[0] for c in EVENT_COLUMNS)
+MONEY_FIELDS = frozenset(
+    {"cost_usd", "cost_input_usd", "cost_output_usd", "cost_cache_read_usd", "cost_cache_write_usd",
+     "avoided_cost_usd"}
+)
+TIME_FIELDS = frozenset({"ts_start", "ts_end"})
+JSON_FIELDS = frozenset({"tags", "actions"})
+
+KEY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("key_id", "TEXT PRIMARY KEY", "TEXT PRIMARY KEY"),
+    ("key_hash", "TEXT NOT NULL UNIQUE", "TEXT NOT NULL UNIQUE"),
+    ("prefix", "TEXT NOT NULL", "TEXT NOT NULL"),
+    ("name", "TEXT", "TEXT"),
+    ("org", "TEXT", "TEXT"),
+    ("team", "TEXT", "TEXT"),
+    ("user", "TEXT", "TEXT"),
+    ("app", "TEXT", "TEXT"),
+    ("env", "TEXT", "TEXT"),
+    ("models", "TEXT", "TEXT"),
+    ("tags", "TEXT", "TEXT"),
+    ("created_at", "TEXT NOT NULL", "TIMESTAMPTZ NOT NULL"),
+    ("revoked_at", "TEXT", "TIMESTAMPTZ"),
+)
+KEY_FIELDS: tuple[str, ...] = tuple(c[0] for c in KEY_COLUMNS)
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'  # `user` is reserved in PostgreSQL
+
+
+def _table(name: str, cols: tuple[tuple[str, str, str], ...], dialect: int) -> str:
+    body = ", ".join(f"{_q(c[0])} {c[dialect]}" for c in cols)
+    return f"CREATE TABLE IF NOT EXISTS {name} ({body})"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "events and keys",
+        (
+            _table("events", EVENT_COLUMNS, 1),
+            "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_start)",
+            "CREATE INDEX IF NOT EXISTS events_run ON events (run_id)",
+            _table("keys", KEY_COLUMNS, 1),
+        ),
+        (
+            _table("events", EVENT_COLUMNS, 2),
+            "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_start)",
+            "CREATE INDEX IF NOT EXISTS events_run ON events (run_id)",
+            _table("keys", KEY_COLUMNS, 2),
+        ),
+    ),
+)
+
+
+def quoted(fields: tuple[str, ...]) -> str:
+    return ", ".join(_q(f) for f in fields)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat()
+
+
+def event_to_row(e: Event) -> Row:
+    a, u, c = e.attribution, e.usage, e.cost
+    return {
+        "event_id": e.event_id,
+        "ts_start": _iso(e.ts_start),
+        "ts_end": _iso(e.ts_end),
+        "request_id": e.request_id,
+        "parent_event_id": e.parent_event_id or None,
+        "run_id": e.run_id or None,
+        "step": e.step or None,
+        "workflow": e.workflow or None,
+        "agent": e.agent or None,
+        "tool": e.tool or None,
+        "org": a.org,
+        "team": a.team,
+        "user": a.user,
+        "key_id": a.key_id,
+        "app": a.app,
+        "env": a.env,
+        "tags": orjson.dumps(a.tag_map).decode(),
+        "endpoint": e.endpoint,
+        "requested_model": e.requested_model,
+        "model": e.model,
+        "provider": e.provider,
+        "tier": e.tier,
+        "route_reason": e.route_reason,
+        "stream": int(e.stream),
+        "input_tokens": u.input_tokens,
+        "cached_input_tokens": u.cached_input_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+        "output_tokens": u.output_tokens,
+        "reasoning_tokens": u.reasoning_tokens,
+        "usage_source": u.source,
+        "cost_usd": str(c.total_usd),
+        "cost_input_usd": str(c.input_usd),
+        "cost_output_usd": str(c.output_usd),
+        "cost_cache_read_usd": str(c.cache_read_usd),
+        "cost_cache_write_usd": str(c.cache_write_usd),
+        "price_source": c.price_source,
+        "lever": e.lever or None,
+        "avoided_cost_usd": str(e.avoided_cost_usd),
+        "tokens_saved": e.tokens_saved,
+        "cache_hit": e.cache_hit or None,
+        "latency_ms": e.latency_ms,
+        "ttft_ms": e.ttft_ms,
+        "tpot_ms": e.tpot_ms,
+        "status": e.status,
+        "error_type": e.error_type or None,
+        "energy_j": e.energy_j,
+        "actions": orjson.dumps(e.actions).decode(),
+    }
+
+
+def money(value: Any) -> Decimal:
+    return Decimal(str(value)) if value is not None else Decimal(0)

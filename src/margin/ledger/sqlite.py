@@ -1,0 +1,146 @@
+"""SQLite ledger (WAL): the embedded default. One connection, used from a worker thread so the
+event loop never waits on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from margin.ledger.schema import EVENT_FIELDS, KEY_FIELDS, MIGRATIONS, Row, quoted
+from margin.ledger.store import StoreUnavailable
+
+_INSERT_EVENTS = (
+    f"INSERT OR IGNORE INTO events ({quoted(EVENT_FIELDS)}) VALUES ({', '.join('?' * len(EVENT_FIELDS))})"
+)
+
+
+def sqlite_path(url: str) -> str:
+    rest = url.removeprefix("sqlite:")
+    if rest in ("//:memory:", ":memory:"):
+        return ":memory:"
+    return rest[3:] if rest.startswith("///") else rest  # sqlite:////abs/path keeps its leading /
+
+
+class SQLiteStore:
+    def __init__(self, url: str, busy_timeout_ms: int = 2000):
+        self.url = url
+        self.path = sqlite_path(url)
+        self._busy_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            try:
+                return fn(self._conn, *args)
+            except sqlite3.OperationalError as e:
+                # Locked or unreadable database: an outage to ride out, not a bug.
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(self._run, fn, *args)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        await self._call(_migrate)
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    async def schema_version(self) -> int:
+        return int(await self._call(lambda c: c.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]))
+
+    # -- events ---------------------------------------------------------------------------------
+    async def write_events(self, rows: list[Row]) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN IMMEDIATE")
+            c.executemany(_INSERT_EVENTS, [tuple(r.get(f) for f in EVENT_FIELDS) for r in rows])
+            c.execute("COMMIT")
+
+        await self._call(write)
+
+    async def count_events(self) -> int:
+        return int(await self._call(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
+
+    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+        # ISO-8601 UTC strings sort as time does, so text comparison is a time comparison.
+        lo = (since or datetime(1970, 1, 1, tzinfo=UTC)).isoformat()
+        hi = (until or datetime(9999, 1, 1, tzinfo=UTC)).isoformat()
+
+        def fetch(c: sqlite3.Connection) -> list[Row]:
+            cur = c.execute(
+                "SELECT * FROM events WHERE ts_start >= ? AND ts_start < ? ORDER BY ts_start", (lo, hi)
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+        rows: list[Row] = await self._call(fetch)
+        return rows
+
+    # -- keys -----------------------------------------------------------------------------------
+    async def insert_key(self, row: Row) -> None:
+        sql = f"INSERT INTO keys ({quoted(KEY_FIELDS)}) VALUES ({', '.join('?' * len(KEY_FIELDS))})"
+        await self._call(lambda c: c.execute(sql, tuple(row.get(f) for f in KEY_FIELDS)))
+
+    async def _one_key(self, column: str, value: str) -> Row | None:
+        r = await self._call(lambda c: c.execute(f"SELECT * FROM keys WHERE {column} = ?", (value,)).fetchone())
+        return dict(r) if r is not None else None
+
+    async def key_by_hash(self, key_hash: str) -> Row | None:
+        return await self._one_key("key_hash", key_hash)
+
+    async def key_by_id(self, key_id: str) -> Row | None:
+        return await self._one_key("key_id", key_id)
+
+    async def list_keys(self) -> list[Row]:
+        rows = await self._call(lambda c: c.execute("SELECT * FROM keys ORDER BY created_at").fetchall())
+        return [dict(r) for r in rows]
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        cur = await self._call(
+            lambda c: c.execute(
+                "UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (at.isoformat(), key_id)
+            )
+        )
+        return bool(cur.rowcount)
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    c.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)"
+    )
+    done = {r[0] for r in c.execute("SELECT version FROM schema_migrations")}
+    for m in MIGRATIONS:
+        if m.version in done:
+            continue
+        c.execute("BEGIN IMMEDIATE")
+        for stmt in m.sqlite:
+            c.execute(stmt)
+        c.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, ?)", (m.version, m.name, datetime.now(UTC).isoformat())
+        )
+        c.execute("COMMIT")

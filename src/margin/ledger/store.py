@@ -1,0 +1,54 @@
+"""What a ledger store must do, and which one a URL names."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+from margin.ledger.schema import Row
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or written right now (the writer spools and retries)."""
+
+
+class Store(Protocol):
+    url: str
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None: ...
+
+    async def write_events(self, rows: list[Row]) -> None:
+        """Insert rows; rows whose event_id is already stored are ignored (idempotent replay)."""
+
+    async def count_events(self) -> int: ...
+
+    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+        """Rows as JSON-able values (money as str, time as ISO text), oldest first."""
+
+    async def insert_key(self, row: Row) -> None: ...
+
+    async def key_by_hash(self, key_hash: str) -> Row | None: ...
+
+    async def key_by_id(self, key_id: str) -> Row | None: ...
+
+    async def list_keys(self) -> list[Row]: ...
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool: ...
+
+    async def schema_version(self) -> int: ...
+
+
+def open_store(url: str) -> Store:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db`, `sqlite://:memory:` or `postgresql://...`."""
+    if url.startswith("sqlite:"):
+        from margin.ledger.sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from margin.ledger.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported ledger url {url!r}: use sqlite:///file.db or postgresql://...")

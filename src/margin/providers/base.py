@@ -1,0 +1,62 @@
+"""The one interface every upstream adapter implements, and the errors it may raise."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from margin.domain import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete (non-streaming) upstream answer: raw bytes to forward, parsed JSON to meter."""
+
+    status: int
+    body: bytes
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One SSE event from a streaming upstream. `raw` is forwarded to the client byte for byte;
+    `data` is the parsed JSON payload, or None for the `[DONE]` sentinel."""
+
+    raw: bytes
+    data: dict[str, Any] | None
+
+
+class UpstreamError(Exception):
+    """The upstream answered, but with an error status (4xx/5xx) or a body we cannot use."""
+
+    def __init__(self, status: int, message: str, error_type: str = "upstream_error", body: bytes = b""):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.body = body
+
+
+class UpstreamTimeout(Exception):
+    """No (complete) answer within the provider's timeout."""
+
+
+class UpstreamConnectionError(Exception):
+    """Could not connect, or the connection was reset before the answer was complete."""
+
+
+class Provider(Protocol):
+    """An upstream. `payload` is the client's JSON body with `model` already rewritten to the
+    upstream id; adapters must not mutate it."""
+
+    name: str
+    kind: str
+
+    async def send(self, endpoint: Endpoint, payload: dict[str, Any]) -> Reply: ...
+
+    def stream(self, endpoint: Endpoint, payload: dict[str, Any]) -> AsyncIterator[Chunk]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,126 @@
+"""Any OpenAI-compatible upstream over HTTP: one pooled aiohttp session per provider."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from margin.config import ProviderConfig
+from margin.domain import Endpoint
+from margin.providers.base import Chunk, Reply, UpstreamConnectionError, UpstreamError, UpstreamTimeout
+
+PATHS: dict[str, str] = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
+_DONE = b"[DONE]"
+
+
+def error_message(status: int, body: bytes) -> tuple[str, str]:
+    """The upstream's own error message and type when it sent an OpenAI error body."""
+    try:
+        err = orjson.loads(body).get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or f"upstream returned HTTP {status}"), str(err.get("type") or "")
+        if isinstance(err, str):
+            return err, ""
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    snippet = body[:200].decode(errors="replace").strip()
+    return f"upstream returned HTTP {status}" + (f": {snippet}" if snippet else ""), ""
+
+
+class OpenAIHTTPProvider:
+    kind = "openai"
+
+    def __init__(self, cfg: ProviderConfig):
+        assert cfg.base_url is not None
+        self.name = cfg.name
+        self.cfg = cfg
+        self.base = cfg.base_url.rstrip("/")
+        self._headers = {"Content-Type": "application/json"}
+        if cfg.api_key:
+            self._headers["Authorization"] = f"Bearer {cfg.api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, keepalive_timeout=60, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            auto_decompress=True,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _timeout(self, stream: bool) -> aiohttp.ClientTimeout:
+        c = self.cfg
+        # Streams may run long; what must not happen is a long silence between chunks.
+        if stream:
+            return aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.timeout_s)
+        return aiohttp.ClientTimeout(total=c.timeout_s, sock_connect=c.connect_timeout_s)
+
+    def _session_or_fail(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise UpstreamConnectionError(f"provider {self.name} is not started")
+        return self._session
+
+    async def send(self, endpoint: Endpoint, payload: dict[str, Any]) -> Reply:
+        url = self.base + PATHS[endpoint]
+        try:
+            async with self._session_or_fail().post(
+                url, data=orjson.dumps(payload), timeout=self._timeout(False)
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise UpstreamTimeout(f"{self.name}: no answer within {self.cfg.timeout_s:g} s") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamConnectionError(f"{self.name}: {type(e).__name__}: {e}") from None
+        if status >= 400:
+            msg, etype = error_message(status, body)
+            raise UpstreamError(status, msg, etype or "upstream_error", body)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(502, f"{self.name} returned a body that is not JSON", "invalid_upstream_response",
+                                body) from None
+        if not isinstance(data, dict):
+            raise UpstreamError(502, f"{self.name} returned JSON that is not an object", "invalid_upstream_response")
+        return Reply(status, body, data)
+
+    async def stream(self, endpoint: Endpoint, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
+        url = self.base + PATHS[endpoint]
+        try:
+            async with self._session_or_fail().post(
+                url, data=orjson.dumps(payload), timeout=self._timeout(True)
+            ) as resp:
+                if resp.status >= 400:
+                    body = await resp.read()
+                    msg, etype = error_message(resp.status, body)
+                    raise UpstreamError(resp.status, msg, etype or "upstream_error", body)
+                done = False
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == _DONE:
+                        done = True
+                        yield Chunk(b"data: [DONE]\n\n", None)
+                        break
+                    try:
+                        parsed = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise UpstreamError(502, f"{self.name} streamed an event that is not JSON",
+                                            "invalid_upstream_response") from None
+                    yield Chunk(b"data: " + data + b"\n\n", parsed)
+                if not done:
+                    raise UpstreamConnectionError(f"{self.name}: stream ended before [DONE]")
+        except TimeoutError:
+            raise UpstreamTimeout(f"{self.name}: stream silent for {self.cfg.timeout_s:g} s") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamConnectionError(f"{self.name}: {type(e).__name__}: {e}") from None
