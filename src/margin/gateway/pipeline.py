@@ -145,9 +145,9 @@ class Pipeline:
             upstream_payload = dict(payload)
             upstream_payload["model"] = decision.upstream_model
             if call.stream:
-                await self._stream(call, decision, payload, upstream_payload, ev, t0, out)
+                await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
             else:
-                await self._complete(call, decision, payload, upstream_payload, ev, t0, out)
+                await self._complete(call, decision, payload, upstream_payload, headers, ev, t0, out)
         except GatewayError as e:
             ev.status, ev.error_type = e.status, e.code or e.type
             self._record(ev, t0)
@@ -170,11 +170,12 @@ class Pipeline:
                 (b"x-margin-request-id", ev.request_id.encode()), (b"x-margin-event-id", ev.event_id.encode())]
 
     async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
-                        upstream_payload: dict[str, Any], ev: Event, t0: float, out: Out) -> None:
+                        upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
+                        out: Out) -> None:
         provider = self.providers[decision.provider]
         t_up = time.perf_counter()
         try:
-            reply = await provider.send(call.endpoint, upstream_payload)
+            reply = await provider.send(call.endpoint, upstream_payload, headers)
         except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
             raise _upstream_error(e) from None
         upstream_s = time.perf_counter() - t_up
@@ -188,13 +189,14 @@ class Pipeline:
         await out.respond(200, headers, reply.body)
 
     async def _stream(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
-                      upstream_payload: dict[str, Any], ev: Event, t0: float, out: Out) -> None:
+                      upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
+                      out: Out) -> None:
         provider = self.providers[decision.provider]
         opts = payload.get("stream_options")
         client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         # Always ask for usage so the stream is metered exactly; hide it if the client didn't ask.
         upstream_payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        chunks: AsyncIterator[Chunk] = provider.stream(call.endpoint, upstream_payload)
+        chunks: AsyncIterator[Chunk] = provider.stream(call.endpoint, upstream_payload, headers)
         t_up = time.perf_counter()
         try:
             first = await anext(chunks)

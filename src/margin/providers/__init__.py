@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from margin.config import ProviderConfig
-from margin.providers.base import Chunk, Provider, Reply, UpstreamConnectionError, UpstreamError, UpstreamTimeout
+from margin.providers.base import (
+    Chunk,
+    Provider,
+    Reply,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 
 def make_provider(cfg: ProviderConfig) -> Provider:
@@ -17,5 +24,12 @@ def make_provider(cfg: ProviderConfig) -> Provider:
     return provider
 
 
-__all__ = ["Chunk", "Provider", "Reply", "UpstreamConnectionError", "UpstreamError", "UpstreamTimeout",
-           "make_provider"]
+__all__ = [
+    "Chunk",
+    "Provider",
+    "Reply",
+    "UpstreamConnectionError",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "make_provider",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,14 +48,19 @@ class UpstreamConnectionError(Exception):
 
 class Provider(Protocol):
     """An upstream. `payload` is the client's JSON body with `model` already rewritten to the
-    upstream id; adapters must not mutate it."""
+    upstream id; adapters must not mutate it. `headers` are the client's request headers
+    (lower-case names); an adapter forwards only those its config allows."""
 
     name: str
     kind: str
 
-    async def send(self, endpoint: Endpoint, payload: dict[str, Any]) -> Reply: ...
+    async def send(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> Reply: ...
 
-    def stream(self, endpoint: Endpoint, payload: dict[str, Any]) -> AsyncIterator[Chunk]: ...
+    def stream(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Chunk]: ...
 
     async def start(self) -> None: ...
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -12,7 +12,11 @@ from margin.config import ProviderConfig
 from margin.domain import Endpoint
 from margin.providers.base import Chunk, Reply, UpstreamConnectionError, UpstreamError, UpstreamTimeout
 
-PATHS: dict[str, str] = {"chat": "/chat/completions", "completion": "/completions", "embedding": "/embeddings"}
+PATHS: dict[str, str] = {
+    "chat": "/chat/completions",
+    "completion": "/completions",
+    "embedding": "/embeddings",
+}
 _DONE = b"[DONE]"
 
 
@@ -42,9 +46,19 @@ class OpenAIHTTPProvider:
         if cfg.api_key:
             self._headers["Authorization"] = f"Bearer {cfg.api_key}"
         self._session: aiohttp.ClientSession | None = None
+        names = [h.lower() for h in cfg.forward_headers]
+        self._fwd_exact = frozenset(n for n in names if not n.endswith("*"))
+        self._fwd_prefixes = tuple(n[:-1] for n in names if n.endswith("*"))
+
+    def _forwarded(self, headers: Mapping[str, str] | None) -> dict[str, str] | None:
+        if not headers or not (self._fwd_exact or self._fwd_prefixes):
+            return None
+        return {k: v for k, v in headers.items() if k in self._fwd_exact or k.startswith(self._fwd_prefixes)}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, keepalive_timeout=60, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.max_connections, keepalive_timeout=60, ttl_dns_cache=300
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self._headers,
@@ -69,11 +83,16 @@ class OpenAIHTTPProvider:
             raise UpstreamConnectionError(f"provider {self.name} is not started")
         return self._session
 
-    async def send(self, endpoint: Endpoint, payload: dict[str, Any]) -> Reply:
+    async def send(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> Reply:
         url = self.base + PATHS[endpoint]
         try:
             async with self._session_or_fail().post(
-                url, data=orjson.dumps(payload), timeout=self._timeout(False)
+                url,
+                data=orjson.dumps(payload),
+                timeout=self._timeout(False),
+                headers=self._forwarded(headers),
             ) as resp:
                 body = await resp.read()
                 status = resp.status
@@ -87,17 +106,22 @@ class OpenAIHTTPProvider:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise UpstreamError(502, f"{self.name} returned a body that is not JSON", "invalid_upstream_response",
-                                body) from None
+            raise UpstreamError(
+                502, f"{self.name} returned a body that is not JSON", "invalid_upstream_response", body
+            ) from None
         if not isinstance(data, dict):
-            raise UpstreamError(502, f"{self.name} returned JSON that is not an object", "invalid_upstream_response")
+            raise UpstreamError(
+                502, f"{self.name} returned JSON that is not an object", "invalid_upstream_response"
+            )
         return Reply(status, body, data)
 
-    async def stream(self, endpoint: Endpoint, payload: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, endpoint: Endpoint, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[Chunk]:
         url = self.base + PATHS[endpoint]
         try:
             async with self._session_or_fail().post(
-                url, data=orjson.dumps(payload), timeout=self._timeout(True)
+                url, data=orjson.dumps(payload), timeout=self._timeout(True), headers=self._forwarded(headers)
             ) as resp:
                 if resp.status >= 400:
                     body = await resp.read()
@@ -115,8 +139,11 @@ class OpenAIHTTPProvider:
                     try:
                         parsed = orjson.loads(data)
                     except orjson.JSONDecodeError:
-                        raise UpstreamError(502, f"{self.name} streamed an event that is not JSON",
-                                            "invalid_upstream_response") from None
+                        raise UpstreamError(
+                            502,
+                            f"{self.name} streamed an event that is not JSON",
+                            "invalid_upstream_response",
+                        ) from None
                     yield Chunk(b"data: " + data + b"\n\n", parsed)
                 if not done:
                     raise UpstreamConnectionError(f"{self.name}: stream ended before [DONE]")

@@ -24,7 +24,8 @@ def parse_usage(data: dict[str, Any]) -> Usage | None:
         input_tokens=_int(u, "prompt_tokens"),
         output_tokens=_int(u, "completion_tokens"),
         # OpenAI: cached_tokens; DeepSeek-style: prompt_cache_hit_tokens; Anthropic-compatible: cache_*.
-        cached_input_tokens=_int(pd, "cached_tokens") or _int(u, "prompt_cache_hit_tokens")
+        cached_input_tokens=_int(pd, "cached_tokens")
+        or _int(u, "prompt_cache_hit_tokens")
         or _int(u, "cache_read_input_tokens"),
         cache_write_tokens=_int(pd, "cache_write_tokens") or _int(u, "cache_creation_input_tokens"),
         reasoning_tokens=_int(cd, "reasoning_tokens"),

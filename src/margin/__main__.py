@@ -1,0 +1,5 @@
+"""`python -m margin`."""
+
+from margin.cli.main import app
+
+app()
