@@ -55,8 +55,16 @@ class KeyRing:
         if key is None:
             raise Unauthorized(f"Incorrect API key provided: {secret[:6]}...; create one with `margin keys create`")
         if not key.active:
-            raise Unauthorized(f"The API key {key.prefix}... ({key.key_id}) was revoked", code="revoked_api_key")
+            raise RevokedKey(key)
         return key
+
+
+class RevokedKey(Unauthorized):
+    """Carries the key, so the refused call is still attributed to whoever held it."""
+
+    def __init__(self, key: VirtualKey):
+        super().__init__(f"The API key {key.prefix}... ({key.key_id}) was revoked", code="revoked_api_key")
+        self.key = key
 
 
 def is_admin(authorization: str | None, admin_key: str | None) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import uuid_utils
 
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage
-from margin.gateway.auth import KeyRing
+from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.request import build_call, parse_json
 from margin.ledger.writer import LedgerWriter
@@ -61,7 +61,8 @@ def _upstream_error(e: Exception) -> GatewayError:
         err.type = "invalid_request_error"
         return err
     # Anything else is the provider's failure, not the client's: a bad gateway.
-    return UpstreamFailed(f"Upstream error (HTTP {e.status}): {e.message}", code=e.error_type or "upstream_error")
+    code = e.error_type if e.error_type == "invalid_upstream_response" else "upstream_error"
+    return UpstreamFailed(f"Upstream error (HTTP {e.status}): {e.message}", code=code)
 
 
 def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:
@@ -149,6 +150,8 @@ class Pipeline:
             else:
                 await self._complete(call, decision, payload, upstream_payload, headers, ev, t0, out)
         except GatewayError as e:
+            if isinstance(e, RevokedKey):
+                ev.attribution = e.key.attribution()
             ev.status, ev.error_type = e.status, e.code or e.type
             self._record(ev, t0)
             await out.respond(e.status, [*JSON_HEADERS, *_h(e.headers)], e.body())
