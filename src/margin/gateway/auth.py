@@ -10,9 +10,9 @@ import hmac
 import time
 
 from margin.domain import VirtualKey
-from margin.gateway.errors import Unauthorized
+from margin.gateway.errors import GatewayError, Unauthorized
 from margin.ledger.keys import hash_secret, row_to_key
-from margin.ledger.store import Store
+from margin.ledger.store import Store, StoreUnavailable
 
 _NEGATIVE_TTL_S = 1.0
 
@@ -37,7 +37,13 @@ class KeyRing:
         hit = self._cache.get(h)
         if hit is not None and hit[1] > now:
             return hit[0]
-        row = await self.store.key_by_hash(h)
+        try:
+            row = await self.store.key_by_hash(h)
+        except StoreUnavailable:
+            if hit is not None and hit[0] is not None:
+                return hit[0]  # stale but known: keep serving through a database outage
+            raise KeyStoreUnavailable(
+                "The key store is unavailable and this key is not cached; retry shortly") from None
         key = row_to_key(row) if row else None
         self._cache[h] = (key, now + (self.ttl_s if key else _NEGATIVE_TTL_S))
         if len(self._cache) > 100_000:  # bound memory under a key-guessing flood
@@ -57,6 +63,10 @@ class KeyRing:
         if not key.active:
             raise RevokedKey(key)
         return key
+
+
+class KeyStoreUnavailable(GatewayError):
+    status, type, code = 503, "api_error", "key_store_unavailable"
 
 
 class RevokedKey(Unauthorized):

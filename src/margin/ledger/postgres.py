@@ -49,6 +49,22 @@ def _from_pg(record: asyncpg.Record) -> Row:
     return out
 
 
+async def _migrate(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT, applied_at TIMESTAMPTZ DEFAULT now())"
+        )
+        done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for m in MIGRATIONS:
+            if m.version in done:
+                continue
+            for stmt in m.postgres:
+                await conn.execute(stmt)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
+
+
 class PostgresStore:
     def __init__(self, url: str, min_size: int = 1, max_size: int = 4, timeout_s: float = 5.0):
         self.url = url
@@ -56,14 +72,22 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
 
     async def _get_pool(self) -> asyncpg.Pool:
+        """Connect and migrate on first use, so a database that was down at start-up is
+        migrated the moment it comes back, before any replayed row reaches it."""
         if self._pool is None:
             try:
-                self._pool = await asyncpg.create_pool(
+                pool = await asyncpg.create_pool(
                     self.url, min_size=self._min, max_size=self._max, timeout=self._timeout,
                     command_timeout=30,
                 )
             except _OUTAGE as e:
                 raise StoreUnavailable(f"postgres: {e}") from e
+            try:
+                await _migrate(pool)
+            except _OUTAGE as e:
+                pool.terminate()
+                raise StoreUnavailable(f"postgres: {e}") from e
+            self._pool = pool
         return self._pool
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -83,20 +107,7 @@ class PostgresStore:
             raise StoreUnavailable(f"postgres: {e}") from e
 
     async def open(self) -> None:
-        pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, name TEXT, applied_at TIMESTAMPTZ DEFAULT now())"
-            )
-            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for m in MIGRATIONS:
-                if m.version in done:
-                    continue
-                for stmt in m.postgres:
-                    await conn.execute(stmt)
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name)
+        await self._get_pool()
 
     async def close(self) -> None:
         if self._pool is not None:

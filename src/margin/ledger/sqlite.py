@@ -4,6 +4,7 @@ event loop never waits on disk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -46,17 +47,17 @@ class SQLiteStore:
 
     def _run(self, fn: Any, *args: Any) -> Any:
         with self._lock:
-            if self._conn is None:
-                self._conn = self._connect()
             try:
+                if self._conn is None:
+                    conn = self._connect()
+                    _migrate(conn)  # first use migrates, even if open() failed earlier
+                    self._conn = conn
                 return fn(self._conn, *args)
             except sqlite3.OperationalError as e:
                 # Locked or unreadable database: an outage to ride out, not a bug.
-                if self._conn.in_transaction:
-                    try:
+                if self._conn is not None and self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
                         self._conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
                 raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -64,7 +65,7 @@ class SQLiteStore:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
-        await self._call(_migrate)
+        await self._call(lambda c: None)  # connecting migrates
 
     async def close(self) -> None:
         with self._lock:
