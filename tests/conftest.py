@@ -119,8 +119,10 @@ class Mock:
 
 def start_mock(port: int, **options: Any) -> Mock:
     args = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    code = (f"from margin.providers.mock_upstream import serve, MockOptions; "
-            f"serve('127.0.0.1', {port}, MockOptions({args}))")
+    code = (
+        f"from margin.providers.mock_upstream import serve, MockOptions; "
+        f"serve('127.0.0.1', {port}, MockOptions({args}))"
+    )
     proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
     return Mock(f"http://127.0.0.1:{port}/v1", proc)
@@ -152,7 +154,9 @@ class Gateway:
         data: dict[str, Any] = r.json()
         return data
 
-    def events(self, key_id: str | None = None, expect: int | None = None, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def events(
+        self, key_id: str | None = None, expect: int | None = None, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
         """Ledger rows (optionally of one key), waiting until `expect` of them are written."""
         deadline = time.monotonic() + timeout
         while True:
@@ -182,25 +186,52 @@ def gateway_config(tmp: Path, mock_url: str, ledger_url: str, **extra: Any) -> d
     cfg: dict[str, Any] = {
         "admin_key": "test-admin-key",
         "providers": [
-            {"name": "mock", "kind": "openai", "base_url": mock_url, "api_key": "${MOCK_KEY:-sk-mock}",
-             "forward_headers": ["x-mock-*"]},
-            {"name": "mock-impatient", "kind": "openai", "base_url": mock_url, "timeout_s": 1.0,
-             "forward_headers": ["x-mock-*"]},
+            {
+                "name": "mock",
+                "kind": "openai",
+                "base_url": mock_url,
+                "api_key": "${MOCK_KEY:-sk-mock}",
+                "forward_headers": ["x-mock-*"],
+            },
+            {
+                "name": "mock-impatient",
+                "kind": "openai",
+                "base_url": mock_url,
+                "timeout_s": 1.0,
+                "forward_headers": ["x-mock-*"],
+            },
         ],
         "models": [
             {"name": "gpt-4o-mini", "provider": "mock", "price": {"genai_prices": "openai/gpt-4o-mini"}},
             {"name": "gpt-4o", "provider": "mock", "price": {"genai_prices": "openai/gpt-4o"}},
             {"name": "o3-mini", "provider": "mock", "price": {"genai_prices": "openai/o3-mini"}},
-            {"name": "claude-sonnet", "provider": "mock", "upstream_model": "claude-sonnet-4-5",
-             "price": {"genai_prices": "anthropic/claude-sonnet-4-5"}},
-            {"name": "house-model", "provider": "mock", "upstream_model": "llama-3.1-8b",
-             "price": {"self_hosted": {"gpu_hour_usd": "3.60"}},
-             "throughput": {"output_tokens_per_s": 100, "input_tokens_per_s": 1000}, "power_watts": 700},
-            {"name": "impatient", "provider": "mock-impatient", "upstream_model": "gpt-4o-mini",
-             "price": {"per_million": {"input": "1", "output": "2"}}},
+            {
+                "name": "claude-sonnet",
+                "provider": "mock",
+                "upstream_model": "claude-sonnet-4-5",
+                "price": {"genai_prices": "anthropic/claude-sonnet-4-5"},
+            },
+            {
+                "name": "house-model",
+                "provider": "mock",
+                "upstream_model": "llama-3.1-8b",
+                "price": {"self_hosted": {"gpu_hour_usd": "3.60"}},
+                "throughput": {"output_tokens_per_s": 100, "input_tokens_per_s": 1000},
+                "power_watts": 700,
+            },
+            {
+                "name": "impatient",
+                "provider": "mock-impatient",
+                "upstream_model": "gpt-4o-mini",
+                "price": {"per_million": {"input": "1", "output": "2"}},
+            },
         ],
-        "ledger": {"url": ledger_url, "spool_dir": str(tmp / "spool"), "flush_interval_ms": 10,
-                   "retry_interval_s": 0.5},
+        "ledger": {
+            "url": ledger_url,
+            "spool_dir": str(tmp / "spool"),
+            "flush_interval_ms": 10,
+            "retry_interval_s": 0.5,
+        },
         "limits": {"max_body_bytes": 65536},
     }
     cfg.update(extra)
@@ -214,7 +245,8 @@ def start_gateway(tmp: Path, cfg: dict[str, Any], port: int | None = None) -> Ga
     log = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(
         [PY, "-m", "margin.cli.main", "serve", "--config", str(path), "--port", str(port)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
     return Gateway(f"http://127.0.0.1:{port}", path, cfg["ledger"]["url"], cfg["admin_key"], proc, log)

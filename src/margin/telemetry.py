@@ -83,7 +83,7 @@ class Telemetry:
         for name, gauge in (("queued", self.ledger_queue), ("store_up", self.ledger_up),
                             ("written", self.ledger_written), ("spooled", self.ledger_spooled),
                             ("replayed", self.ledger_replayed)):
-            gauge.set_function(lambda n=name: stats()[n])
+            gauge.set_function(_reader(stats, name))
 
     def observe(self, e: Event, upstream_s: float | None = None) -> None:
         op = OPERATION.get(e.endpoint, e.endpoint)
@@ -131,6 +131,10 @@ class Telemetry:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _reader(stats: Callable[[], dict[str, float]], name: str) -> Callable[[], float]:
+    return lambda: stats()[name]
 
 
 def _make_tracer(endpoint: str, service_name: str) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from margin.domain import usd
 from margin.ledger.schema import Row
 
 GROUP_COLUMNS = ("org", "team", "user", "app", "env", "key_id", "model", "requested_model", "provider",
@@ -99,7 +100,7 @@ def spend(rows: Iterable[Row], by: list[str]) -> list[dict[str, Any]]:
             "error_rate": round(a.errors / a.requests, 4) if a.requests else 0.0,
             "input_tokens": a.input_tokens, "cached_input_tokens": a.cached_input_tokens,
             "output_tokens": a.output_tokens, "reasoning_tokens": a.reasoning_tokens,
-            "cost_usd": str(a.cost), "energy_j": round(a.energy_j, 3),
+            "cost_usd": usd(a.cost), "energy_j": round(a.energy_j, 3),
             "p50_ms": percentile(a.latencies, 0.50), "p95_ms": percentile(a.latencies, 0.95),
         })
     return out

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from decimal import Decimal
 import logging
+from decimal import Decimal
 from pathlib import Path
 
 import typer
@@ -12,6 +12,7 @@ import typer
 from margin import __version__
 from margin.cli import keys
 from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
+from margin.domain import usd
 
 app = typer.Typer(help="margin: meter, price and control every LLM call.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -114,7 +115,7 @@ def report(
             w.writerows(rows)
     else:
         total = sum((Decimal(r["cost_usd"]) for r in rows), Decimal(0))
-        print_table(rows, f"spend since {start:%Y-%m-%d %H:%M} UTC by {', '.join(cols)} - total ${total}",
+        print_table(rows, f"spend since {start:%Y-%m-%d %H:%M} UTC by {', '.join(cols)} - total ${usd(total)}",
                     [*cols, "requests", "error_rate", "input_tokens", "cached_input_tokens", "output_tokens",
                      "cost_usd", "p50_ms", "p95_ms"])
 

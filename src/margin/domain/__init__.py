@@ -11,6 +11,19 @@ from margin.domain.records import (
     Usage,
     UsageSource,
     VirtualKey,
+    usd,
 )
 
-__all__ = ["ZERO", "Attribution", "Call", "Cost", "Endpoint", "Event", "RouteDecision", "Usage", "UsageSource", "VirtualKey"]
+__all__ = [
+    "ZERO",
+    "Attribution",
+    "Call",
+    "Cost",
+    "Endpoint",
+    "Event",
+    "RouteDecision",
+    "Usage",
+    "UsageSource",
+    "VirtualKey",
+    "usd",
+]

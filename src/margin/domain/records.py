@@ -9,6 +9,11 @@ from typing import Any, Literal
 
 ZERO = Decimal(0)
 
+
+def usd(amount: Decimal) -> str:
+    """Exact decimal text, never scientific notation ("0.00000006", not "6E-8")."""
+    return format(amount, "f")
+
 Endpoint = Literal["chat", "completion", "embedding", "batch"]
 UsageSource = Literal["provider", "estimated"]
 

@@ -4,6 +4,7 @@ than a framework, because every microsecond here is added to every model call.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -73,10 +74,8 @@ class AsgiOut:
         if self._watch is not None:
             self._watch.cancel()
         if self.started and not self.disconnected:
-            try:
+            with contextlib.suppress(OSError):
                 await self.send({"type": "http.response.body", "body": b""})
-            except OSError:
-                pass
 
 
 class MarginApp:

@@ -3,6 +3,7 @@ meter. Every outcome, refused and failed ones included, becomes exactly one ledg
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ from typing import Any, Protocol
 
 import uuid_utils
 
-from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage
+from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, usd
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.request import build_call, parse_json
@@ -117,10 +118,8 @@ class Pipeline:
         """Meter and answer a request refused before its body could be read (e.g. too large)."""
         t0 = time.perf_counter()
         ev = self._new_event(endpoint, headers)
-        try:
+        with contextlib.suppress(GatewayError):  # unattributed if the key is bad, but still recorded
             ev.attribution = (await self.keys.authenticate(headers.get("authorization"))).attribution()
-        except GatewayError:
-            pass  # still recorded, unattributed
         ev.status, ev.error_type = error.status, error.code or error.type
         self._record(ev, t0)
         await out.respond(error.status, JSON_HEADERS, error.body())
@@ -186,10 +185,10 @@ class Pipeline:
             input_tokens=estimate_input(call.endpoint, payload),
             output_tokens=count_text(_output_text(reply.data)), source="estimated")
         self._meter(ev, decision, usage)
-        headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
-                   (b"x-margin-cost-usd", str(ev.cost.total_usd).encode())]
+        response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
+                            (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
         self._record(ev, t0, upstream_s)
-        await out.respond(200, headers, reply.body)
+        await out.respond(200, response_headers, reply.body)
 
     async def _stream(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                       upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
@@ -218,7 +217,7 @@ class Pipeline:
                 forward = True
                 if data is None:  # [DONE]: tell the client what it cost, then finish
                     self._meter(ev, decision, usage or self._estimate(call, payload, n_out))
-                    await out.chunk(f": margin cost_usd={ev.cost.total_usd} event_id={ev.event_id}\n\n".encode())
+                    await out.chunk(f": margin cost_usd={usd(ev.cost.total_usd)} event_id={ev.event_id}\n\n".encode())
                 elif data.get("usage") and not data.get("choices"):
                     usage = parse_usage(data)
                     forward = client_wants_usage

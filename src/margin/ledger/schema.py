@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from margin.domain import Event
+from margin.domain import Event, usd
 
 Row = dict[str, Any]
 
@@ -170,14 +170,14 @@ def event_to_row(e: Event) -> Row:
         "output_tokens": u.output_tokens,
         "reasoning_tokens": u.reasoning_tokens,
         "usage_source": u.source,
-        "cost_usd": str(c.total_usd),
-        "cost_input_usd": str(c.input_usd),
-        "cost_output_usd": str(c.output_usd),
-        "cost_cache_read_usd": str(c.cache_read_usd),
-        "cost_cache_write_usd": str(c.cache_write_usd),
+        "cost_usd": usd(c.total_usd),
+        "cost_input_usd": usd(c.input_usd),
+        "cost_output_usd": usd(c.output_usd),
+        "cost_cache_read_usd": usd(c.cache_read_usd),
+        "cost_cache_write_usd": usd(c.cache_write_usd),
         "price_source": c.price_source,
         "lever": e.lever or None,
-        "avoided_cost_usd": str(e.avoided_cost_usd),
+        "avoided_cost_usd": usd(e.avoided_cost_usd),
         "tokens_saved": e.tokens_saved,
         "cache_hit": e.cache_hit or None,
         "latency_ms": e.latency_ms,

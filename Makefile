@@ -1,0 +1,53 @@
+# margin: two commands matter. `make demo` sets up and runs the demo; `make test` sets up and tests.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install install-base install-local services demo stop test lint typecheck bench soak clean
+
+install: install-base install-local ## .venv with every extra (compiles llama.cpp once: ~12 min on 2 cores)
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+
+install-base: $(VENV)/.base
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,otel,redis]'
+	@touch $@
+
+install-local: $(VENV)/.local
+$(VENV)/.local: $(VENV)/.base
+	@bash scripts/install-local.sh $(BIN)
+	@touch $@
+
+services: ## make sure PostgreSQL and Redis answer on loopback (installs/starts them if needed)
+	@bash scripts/services.sh
+
+demo: install-base services
+	@if [ "$${MARGIN_DEMO_LOCAL:-1}" != "0" ]; then $(MAKE) --no-print-directory install-local; fi
+	$(BIN)/python scripts/demo.py
+
+stop: ## stop what `make demo` left running
+	-$(BIN)/python scripts/demo.py --stop
+
+lint: install-base
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src || true
+
+typecheck: install-base
+	$(BIN)/mypy
+
+test: install services lint typecheck
+	MARGIN_REQUIRE_LOCAL=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install-base services
+	bash bench/setup_litellm.sh
+	$(BIN)/python bench/overhead.py --out BENCHMARKS.md
+
+soak: install-base services
+	$(BIN)/python bench/overhead.py --rps 500 --duration 600 --no-litellm
+
+clean:
+	rm -rf $(VENV) .venv-litellm .margin build dist src/*.egg-info
