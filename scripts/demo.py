@@ -73,7 +73,7 @@ def config() -> dict[str, object]:
         # Priced as one CPU box at $0.10/h; throughput measured on this 2-core machine (BENCHMARKS.md).
         models.append({"name": "gemma-3-270m", "provider": "local", "context_window": 2048,
                        "price": {"self_hosted": {"gpu_hour_usd": "0.10"}},
-                       "throughput": {"output_tokens_per_s": 50, "input_tokens_per_s": 400}, "power_watts": 35})
+                       "throughput": {"output_tokens_per_s": 40, "input_tokens_per_s": 450}, "power_watts": 35})
     return {"admin_key": ADMIN, "providers": providers, "models": models,
             "ledger": {"url": f"sqlite:///{HOME}/ledger.db", "spool_dir": str(HOME / "spool")}}
 
@@ -114,11 +114,11 @@ def traffic() -> str:
     if LOCAL:
         research = openai.OpenAI(base_url=base, api_key=key("research", "rui", "notebook", "dev"), max_retries=0)
         say("research team: the local Gemma 3 270M model (llama.cpp in-process, priced by machine time)")
-        for prompt in ("The capital of France is", "List three colours:"):
+        # A base model, not instruction-tuned: it continues text well, so ask it to complete.
+        for prompt in ("The capital of France is", "Three primary colours are"):
             t0 = time.perf_counter()
-            c = research.chat.completions.create(model="gemma-3-270m", max_tokens=24,
-                                                 messages=[{"role": "user", "content": prompt}])
-            text = (c.choices[0].message.content or "").strip().replace("\n", " ")
+            comp = research.completions.create(model="gemma-3-270m", max_tokens=16, prompt=prompt, temperature=0)
+            text = comp.choices[0].text.strip().replace("\n", " ")
             print(f"    {prompt!r} -> {text[:70]!r} ({time.perf_counter() - t0:.2f}s)")
         list(research.chat.completions.create(model="gemma-3-270m", max_tokens=16, stream=True,
                                               messages=[{"role": "user", "content": "Say hi"}]))
@@ -137,6 +137,8 @@ def main() -> None:
         return
     HOME.mkdir(parents=True, exist_ok=True)
     stop_all()
+    for old in [*HOME.glob("ledger.db*"), *HOME.glob("spool/*")]:  # each demo tells its own story
+        old.unlink()
     cfg_path = HOME / "margin.yaml"
     cfg_path.write_text(yaml.safe_dump(config(), sort_keys=False))
     say(f"config: {cfg_path.relative_to(ROOT)} (mock cloud provider{' + local Gemma 3 270M' if LOCAL else ''})")

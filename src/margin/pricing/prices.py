@@ -19,6 +19,7 @@ from margin.domain import ZERO, Cost, Usage
 
 MILLION = Decimal(1_000_000)
 SECONDS_PER_HOUR = Decimal(3600)
+RATE_QUANTUM = Decimal("1e-10")
 
 
 class PricingError(Exception):
@@ -123,8 +124,11 @@ def model_rates(m: ModelConfig) -> ModelRates:
     usd_per_s = p.self_hosted.gpu_hour_usd * p.self_hosted.gpus / SECONDS_PER_HOUR
     out_tps = Decimal(str(m.throughput.output_tokens_per_s))
     in_tps = Decimal(str(m.throughput.input_tokens_per_s or m.throughput.output_tokens_per_s * 10))
-    inp = Rate(usd_per_s * MILLION / in_tps)
-    return ModelRates(inp, Rate(usd_per_s * MILLION / out_tps), inp, inp, "config: self_hosted")
+    # $/h over 3600 s over tokens/s rarely terminates; a rate exact to 1e-10 $/MTok keeps every
+    # ledger amount a finite decimal at no practical loss.
+    inp = Rate((usd_per_s * MILLION / in_tps).quantize(RATE_QUANTUM))
+    out = Rate((usd_per_s * MILLION / out_tps).quantize(RATE_QUANTUM))
+    return ModelRates(inp, out, inp, inp, "config: self_hosted")
 
 
 def energy_joules(m: ModelConfig, usage: Usage) -> float | None:
