@@ -75,8 +75,15 @@ class Telemetry:
         self.ledger_spooled = Gauge("margin_ledger_events_spooled", "Events written to the disk spool", registry=r)
         self.ledger_replayed = Gauge("margin_ledger_events_replayed", "Spooled events replayed", registry=r)
         self._tracer: Any = None
+        self._provider: Any = None
         if otlp_endpoint:
-            self._tracer = _make_tracer(otlp_endpoint, service_name)
+            self._provider = _make_provider(otlp_endpoint, service_name)
+            self._tracer = self._provider.get_tracer("margin")
+
+    def shutdown(self) -> None:
+        """Flush spans still batched for export."""
+        if self._provider is not None:
+            self._provider.shutdown()
 
     def bind_ledger(self, stats: Callable[[], dict[str, float]]) -> None:
         """Ledger gauges are read at scrape time, not updated per request."""
@@ -137,7 +144,7 @@ def _reader(stats: Callable[[], dict[str, float]], name: str) -> Callable[[], fl
     return lambda: stats()[name]
 
 
-def _make_tracer(endpoint: str, service_name: str) -> Any:
+def _make_provider(endpoint: str, service_name: str) -> Any:
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
@@ -147,4 +154,4 @@ def _make_tracer(endpoint: str, service_name: str) -> Any:
         raise RuntimeError("telemetry.otlp_endpoint needs the optional extra: pip install 'margin[otel]'") from e
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    return provider.get_tracer("margin")
+    return provider

@@ -15,7 +15,7 @@ from margin.config import Config, ConfigError, load_config
 
 # Off a terminal rich assumes 80 columns and squeezes tables; reports are wide.
 console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 CONFIG_OPT = typer.Option(Path("margin.yaml"), "--config", "-c", help="margin.yaml", envvar="MARGIN_CONFIG")
 
 

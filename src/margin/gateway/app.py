@@ -116,6 +116,7 @@ class MarginApp:
         for p in self.providers.values():
             await p.close()
         await self.store.close()
+        self.telemetry.shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
