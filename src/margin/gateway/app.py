@@ -4,6 +4,7 @@ than a framework, because every microsecond here is added to every model call.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -110,6 +111,10 @@ class MarginApp:
         await self.writer.start()
         for p in self.providers.values():
             await p.start()
+        # Start-up objects (config, the genai-prices snapshot, models) live forever: move them out
+        # of the collector's reach so full collections under load stay short (p99).
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self) -> None:
         await self.writer.close()
@@ -201,3 +206,13 @@ class MarginApp:
             return await admin.handle(self, method, path, headers, body)
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 
+
+
+def from_env() -> MarginApp:
+    """Factory for ASGI servers started by import path (`margin.gateway.app:from_env`), reading
+    the config named by MARGIN_CONFIG."""
+    import os
+
+    from margin.config import load_config
+
+    return MarginApp(load_config(os.environ.get("MARGIN_CONFIG", "margin.yaml")))

@@ -27,25 +27,26 @@ class KeyRing:
         if key_id is None:
             self._cache.clear()
             return
-        for h, (k, _) in list(self._cache.items()):
+        for secret, (k, _) in list(self._cache.items()):
             if k is not None and k.key_id == key_id:
-                del self._cache[h]
+                del self._cache[secret]
 
     async def lookup(self, secret: str) -> VirtualKey | None:
-        h = hash_secret(secret)
+        # Keyed by the secret itself: a cache hit skips the SHA-256 (the process holds the
+        # secret in memory for the request anyway; only hashes ever reach storage).
         now = time.monotonic()
-        hit = self._cache.get(h)
+        hit = self._cache.get(secret)
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
-            row = await self.store.key_by_hash(h)
+            row = await self.store.key_by_hash(hash_secret(secret))
         except StoreUnavailable:
             if hit is not None and hit[0] is not None:
                 return hit[0]  # stale but known: keep serving through a database outage
             raise KeyStoreUnavailable(
                 "The key store is unavailable and this key is not cached; retry shortly") from None
         key = row_to_key(row) if row else None
-        self._cache[h] = (key, now + (self.ttl_s if key else _NEGATIVE_TTL_S))
+        self._cache[secret] = (key, now + (self.ttl_s if key else _NEGATIVE_TTL_S))
         if len(self._cache) > 100_000:  # bound memory under a key-guessing flood
             self._cache.clear()
         return key
