@@ -4,8 +4,8 @@ than a framework, because every microsecond here is added to every model call.""
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
