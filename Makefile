@@ -34,7 +34,6 @@ stop: ## stop what `make demo` left running
 
 lint: install-base
 	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src || true
 
 typecheck: install-base
 	$(BIN)/mypy
