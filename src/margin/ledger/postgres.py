@@ -11,9 +11,10 @@ import asyncpg
 from margin.ledger.schema import EVENT_FIELDS, JSON_FIELDS, KEY_FIELDS, MIGRATIONS, MONEY_FIELDS, Row, quoted
 from margin.ledger.store import StoreUnavailable
 
-_INSERT_EVENTS = (
-    f"INSERT INTO events ({quoted(EVENT_FIELDS)}) VALUES "
-    f"({', '.join(f'${i + 1}' for i in range(len(EVENT_FIELDS)))}) ON CONFLICT (event_id) DO NOTHING"
+_STAGE = "CREATE TEMP TABLE IF NOT EXISTS events_in (LIKE events) ON COMMIT DELETE ROWS"
+_FROM_STAGE = (
+    f"INSERT INTO events ({quoted(EVENT_FIELDS)}) SELECT {quoted(EVENT_FIELDS)} FROM events_in "
+    "ON CONFLICT (event_id) DO NOTHING"
 )
 _MIGRATION_LOCK = 0x6D617267  # "marg": replicas starting together migrate one at a time
 
@@ -121,11 +122,15 @@ class PostgresStore:
         return int((await self._fetch("SELECT MAX(version) FROM schema_migrations"))[0][0])
 
     async def write_events(self, rows: list[Row]) -> None:
+        """COPY the batch into a per-connection temp table, then one INSERT .. ON CONFLICT: bulk
+        speed, and a replayed event id is skipped instead of failing the batch."""
         pool = await self._get_pool()
-        args = [tuple(_to_pg(f, r.get(f)) for f in EVENT_FIELDS) for r in rows]
+        records = [tuple(_to_pg(f, r.get(f)) for f in EVENT_FIELDS) for r in rows]
         try:
             async with pool.acquire() as conn, conn.transaction():
-                await conn.executemany(_INSERT_EVENTS, args)
+                await conn.execute(_STAGE)
+                await conn.copy_records_to_table("events_in", records=records, columns=list(EVENT_FIELDS))
+                await conn.execute(_FROM_STAGE)
         except _OUTAGE as e:
             raise StoreUnavailable(f"postgres: {e}") from e
 
