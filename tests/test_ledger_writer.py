@@ -34,6 +34,15 @@ def hold_lock(path: str, seconds: float, ready: threading.Event) -> None:
     conn.close()
 
 
+def lock_store(path: str, seconds: float) -> threading.Thread:
+    """Another connection holds the database exclusively for `seconds`: every write fails."""
+    ready = threading.Event()
+    locker = threading.Thread(target=hold_lock, args=(path, seconds, ready))
+    locker.start()
+    ready.wait()
+    return locker
+
+
 async def make(tmp: Path, **kw: float) -> tuple[SQLiteStore, LedgerWriter]:
     store = SQLiteStore(f"sqlite:///{tmp}/l.db", busy_timeout_ms=200)
     await store.open()
@@ -55,10 +64,7 @@ async def test_events_are_written_in_batches_and_flushed_on_close(tmp_path: Path
 
 async def test_outage_spools_then_replays_exactly_once(tmp_path: Path) -> None:
     store, w = await make(tmp_path)
-    ready = threading.Event()
-    locker = threading.Thread(target=hold_lock, args=(store.path, 1.5, ready))
-    locker.start()
-    ready.wait()
+    locker = lock_store(store.path, 1.5)
     for i in range(300):
         w.append(event(i))
         if i % 50 == 0:
@@ -111,10 +117,7 @@ async def test_full_queue_spools_inline_instead_of_dropping(tmp_path: Path) -> N
 
 async def test_store_down_at_close_keeps_rows_on_disk(tmp_path: Path) -> None:
     store, w = await make(tmp_path)
-    ready = threading.Event()
-    locker = threading.Thread(target=hold_lock, args=(store.path, 1.0, ready))
-    locker.start()
-    ready.wait()
+    locker = lock_store(store.path, 1.0)
     for i in range(20):
         w.append(event(i))
     await w.close()
