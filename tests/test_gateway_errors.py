@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import Gateway
@@ -173,3 +174,19 @@ def test_client_disconnect_mid_stream_is_metered_as_partial(gateway: Gateway) ->
     [ev] = gateway.events(k["key_id"], expect=1, timeout=15)
     assert ev["status"] == 499 and ev["error_type"] == "client_disconnected"
     assert 0 < ev["output_tokens"] < 200
+
+
+def test_admin_patch_changes_attribution_on_the_next_call(gateway: Gateway) -> None:
+    admin = {"Authorization": f"Bearer {gateway.admin_key}"}
+    k = gateway.create_key(team="old-team", models=["gpt-4o"])
+    r = httpx.patch(f"{gateway.url}/admin/keys/{k['key_id']}", headers=admin,
+                    json={"team": "new-team", "models": ["gpt-4o-mini"], "tags": {"cost_center": "42"}})
+    assert r.status_code == 200, r.text
+    view = r.json()
+    assert (view["team"], view["models"], view["tags"]) == ("new-team", ["gpt-4o-mini"], {"cost_center": "42"})
+    assert post(gateway, k["key"], CHAT).status_code == 200
+    [ev] = gateway.events(k["key_id"], expect=1)
+    assert ev["team"] == "new-team" and orjson.loads(ev["tags"]) == {"cost_center": "42"}
+    bad = httpx.patch(f"{gateway.url}/admin/keys/{k['key_id']}", headers=admin, json={"hash": "x"})
+    assert bad.status_code == 400 and "Unknown field" in bad.text
+    assert httpx.get(f"{gateway.url}/admin/keys", headers={"Authorization": "Bearer nope"}).status_code == 401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,18 +24,21 @@ def _json(status: int, obj: Any) -> tuple[int, Headers, bytes]:
     return status, JSON_HEADERS, orjson.dumps(obj)
 
 
-def key_spec(body: dict[str, Any]) -> dict[str, Any]:
-    """Validate a key-creation body: string attribution fields, a list of models, a tag map."""
+def key_spec(body: dict[str, Any], partial: bool = False) -> dict[str, Any]:
+    """Validate a key body: string attribution fields, a list of models, a tag map. `partial`
+    (PATCH) keeps only the fields given."""
     unknown = set(body) - {*_KEY_FIELDS, "models", "tags"}
     if unknown:
         raise BadRequest(f"Unknown field(s) for a key: {', '.join(sorted(unknown))}", code="invalid_value")
     spec: dict[str, Any] = {}
     for f in _KEY_FIELDS:
+        if partial and f not in body:
+            continue
         v = body.get(f, "")
         if not isinstance(v, str):
             raise BadRequest(f"'{f}' must be a string", param=f, code="invalid_type")
         spec[f] = v
-    if spec["env"] and spec["env"] not in ("prod", "dev", "staging", "test"):
+    if spec.get("env") and spec["env"] not in ("prod", "dev", "staging", "test"):
         raise BadRequest("'env' must be one of prod, dev, staging, test", param="env", code="invalid_value")
     models = body.get("models") or []
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
@@ -42,9 +46,17 @@ def key_spec(body: dict[str, Any]) -> dict[str, Any]:
     tags = body.get("tags") or {}
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
         raise BadRequest("'tags' must be an object of string values", param="tags", code="invalid_type")
-    spec["models"] = tuple(models)
-    spec["tags"] = tuple(sorted(tags.items()))
+    if not partial or "models" in body:
+        spec["models"] = tuple(models)
+    if not partial or "tags" in body:
+        spec["tags"] = tuple(sorted(tags.items()))
     return spec
+
+
+def _check_models(app: MarginApp, spec: dict[str, Any]) -> None:
+    unknown = [m for m in spec.get("models", ()) if m not in app.targets]
+    if unknown:
+        raise BadRequest(f"Unknown model(s): {', '.join(unknown)}", param="models", code="model_not_found")
 
 
 async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str],
@@ -63,9 +75,7 @@ async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str]
                                                           for r in await app.store.list_keys()]})
         if method == "POST":
             spec = key_spec(parse_json(body) if body else {})
-            unknown = [m for m in spec["models"] if m not in app.targets]
-            if unknown:
-                raise BadRequest(f"Unknown model(s): {', '.join(unknown)}", param="models", code="model_not_found")
+            _check_models(app, spec)
             secret, key = new_key(**spec)
             await app.store.insert_key(key_to_row(key))
             return _json(201, {"key": secret, **public_view(key)})
@@ -77,8 +87,17 @@ async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str]
         return _json(200, public_view(row_to_key(row)))
     if method == "DELETE":
         await app.store.revoke_key(key_id, datetime.now(UTC))
-        app.keys.forget(key_id)
-        row = await app.store.key_by_id(key_id)
-        assert row is not None
-        return _json(200, public_view(row_to_key(row)))
-    raise MethodNotAllowed(f"{path} takes GET or DELETE")
+    elif method == "PATCH":
+        spec = key_spec(parse_json(body), partial=True)
+        _check_models(app, spec)
+        current = row_to_key(row)
+        updated = dataclasses.replace(current, **spec)
+        fields = {k: v for k, v in key_to_row(updated).items() if k in spec}
+        if fields:
+            await app.store.update_key(key_id, fields)
+    else:
+        raise MethodNotAllowed(f"{path} takes GET, PATCH or DELETE")
+    app.keys.forget(key_id)
+    fresh = await app.store.key_by_id(key_id)
+    assert fresh is not None
+    return _json(200, public_view(row_to_key(fresh)))

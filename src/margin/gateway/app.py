@@ -202,7 +202,7 @@ class MarginApp:
                     for m in self.cfg.models if not key.models or m.name in key.models]
             return 200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data})
         if path.startswith("/admin/"):
-            body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
+            body = await self._read_body(headers, receive) if method in ("POST", "PATCH") else b""
             return await admin.handle(self, method, path, headers, body)
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 

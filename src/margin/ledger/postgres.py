@@ -8,7 +8,16 @@ from typing import Any
 
 import asyncpg
 
-from margin.ledger.schema import EVENT_FIELDS, JSON_FIELDS, KEY_FIELDS, MIGRATIONS, MONEY_FIELDS, Row, quoted
+from margin.ledger.schema import (
+    EVENT_FIELDS,
+    JSON_FIELDS,
+    KEY_FIELDS,
+    MIGRATIONS,
+    MONEY_FIELDS,
+    UPDATABLE_KEY_FIELDS,
+    Row,
+    quoted,
+)
 from margin.ledger.store import StoreUnavailable
 
 _STAGE = "CREATE TEMP TABLE IF NOT EXISTS events_in (LIKE events) ON COMMIT DELETE ROWS"
@@ -165,6 +174,12 @@ class PostgresStore:
 
     async def list_keys(self) -> list[Row]:
         return [_from_pg(r) for r in await self._fetch("SELECT * FROM keys ORDER BY created_at")]
+
+    async def update_key(self, key_id: str, fields: Row) -> None:
+        cols = [f for f in fields if f in UPDATABLE_KEY_FIELDS]
+        sets = ", ".join(f"{quoted((c,))} = ${i + 1}" for i, c in enumerate(cols))
+        await self._execute(f"UPDATE keys SET {sets} WHERE key_id = ${len(cols) + 1}",
+                            *(fields[f] for f in cols), key_id)
 
     async def revoke_key(self, key_id: str, at: datetime) -> bool:
         status = await self._execute(

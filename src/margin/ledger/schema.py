@@ -90,6 +90,7 @@ KEY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("revoked_at", "TEXT", "TIMESTAMPTZ"),
 )
 KEY_FIELDS: tuple[str, ...] = tuple(c[0] for c in KEY_COLUMNS)
+UPDATABLE_KEY_FIELDS = frozenset({"name", "org", "team", "user", "app", "env", "models", "tags"})
 
 
 def _q(name: str) -> str:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from margin.ledger.schema import EVENT_FIELDS, KEY_FIELDS, MIGRATIONS, Row, quoted
+from margin.ledger.schema import EVENT_FIELDS, KEY_FIELDS, MIGRATIONS, UPDATABLE_KEY_FIELDS, Row, quoted
 from margin.ledger.store import StoreUnavailable
 
 _INSERT_EVENTS = (
@@ -120,6 +120,11 @@ class SQLiteStore:
     async def list_keys(self) -> list[Row]:
         rows = await self._call(lambda c: c.execute("SELECT * FROM keys ORDER BY created_at").fetchall())
         return [dict(r) for r in rows]
+
+    async def update_key(self, key_id: str, fields: Row) -> None:
+        cols = [f for f in fields if f in UPDATABLE_KEY_FIELDS]
+        sql = f"UPDATE keys SET {', '.join(f'{quoted((c,))} = ?' for c in cols)} WHERE key_id = ?"
+        await self._call(lambda c: c.execute(sql, (*(fields[f] for f in cols), key_id)))
 
     async def revoke_key(self, key_id: str, at: datetime) -> bool:
         cur = await self._call(

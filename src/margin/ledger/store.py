@@ -38,6 +38,9 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str, at: datetime) -> bool: ...
 
+    async def update_key(self, key_id: str, fields: Row) -> None:
+        """Set attribution / models / tags columns (never the hash) of an existing key."""
+
     async def schema_version(self) -> int: ...
 
 
