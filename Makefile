@@ -46,7 +46,7 @@ bench: install-base services
 	$(BIN)/python bench/overhead.py --out BENCHMARKS.md
 
 soak: install-base services
-	$(BIN)/python bench/overhead.py --rps 500 --duration 600 --no-litellm
+	$(BIN)/python bench/overhead.py --rps 500 --duration 600 --rounds 1 --targets direct,margin
 
 clean:
 	rm -rf $(VENV) .venv-litellm .margin build dist src/*.egg-info
