@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -80,10 +81,21 @@ class PostgresStore:
         self.url = url
         self._min, self._max, self._timeout = min_size, max_size, timeout_s
         self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    def is_data_error(self, e: BaseException) -> bool:
+        return isinstance(e, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError | OverflowError
+                          | ValueError | TypeError)
 
     async def _get_pool(self) -> asyncpg.Pool:
         """Connect and migrate on first use, so a database that was down at start-up is
         migrated the moment it comes back, before any replayed row reaches it."""
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:  # concurrent callers must not each open a pool
+            return await self._open_pool()
+
+    async def _open_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             try:
                 pool = await asyncpg.create_pool(
@@ -94,9 +106,11 @@ class PostgresStore:
                 raise StoreUnavailable(f"postgres: {e}") from e
             try:
                 await _migrate(pool)
-            except _OUTAGE as e:
+            except BaseException as e:
                 pool.terminate()
-                raise StoreUnavailable(f"postgres: {e}") from e
+                if isinstance(e, _OUTAGE):
+                    raise StoreUnavailable(f"postgres: {e}") from e
+                raise
             self._pool = pool
         return self._pool
 
@@ -180,6 +194,15 @@ class PostgresStore:
         sets = ", ".join(f"{quoted((c,))} = ${i + 1}" for i, c in enumerate(cols))
         await self._execute(f"UPDATE keys SET {sets} WHERE key_id = ${len(cols) + 1}",
                             *(fields[f] for f in cols), key_id)
+
+    async def list_budgets(self) -> list[Row]:
+        rows = await self._fetch("SELECT id, body::text AS body, updated_at FROM budgets ORDER BY id")
+        return [_from_pg(r) for r in rows]
+
+    async def put_budget(self, budget_id: str, body: str | None, at: datetime) -> None:
+        await self._execute(
+            "INSERT INTO budgets (id, body, updated_at) VALUES ($1, $2::jsonb, $3) ON CONFLICT (id) DO UPDATE SET "
+            "body = excluded.body, updated_at = excluded.updated_at", budget_id, body, at)
 
     async def revoke_key(self, key_id: str, at: datetime) -> bool:
         status = await self._execute(

@@ -127,6 +127,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             _table("keys", KEY_COLUMNS, 2),
         ),
     ),
+    # Budgets edited live (admin API / CLI). body NULL is a tombstone: a budget from margin.yaml
+    # that an administrator deleted stays deleted.
+    Migration(
+        2,
+        "budgets",
+        ("CREATE TABLE IF NOT EXISTS budgets (id TEXT PRIMARY KEY, body TEXT, updated_at TEXT NOT NULL)",),
+        ("CREATE TABLE IF NOT EXISTS budgets (id TEXT PRIMARY KEY, body JSONB, updated_at TIMESTAMPTZ NOT NULL)",),
+    ),
 )
 
 

@@ -27,11 +27,22 @@ class Spool:
 
     def append(self, rows: list[Row]) -> None:
         """Durable before return (fsync): the caller forgets the rows once this returns."""
-        data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+        self._append(self._live, b"".join(orjson.dumps(r) + b"\n" for r in rows))
+
+    def reject(self, row: Row) -> None:
+        """Keep a row the store refuses on its merits, for a person to look at."""
+        self._append(self.dir / "rejected.jsonl", orjson.dumps(row) + b"\n")
+
+    def _append(self, path: Path, data: bytes) -> None:
         with self._lock:
-            fd = os.open(self._live, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                os.write(fd, data)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # a torn line from a crash must not swallow the next row
+                view = memoryview(data)
+                while view:  # os.write may write less than asked (e.g. nearly full disk)
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -53,15 +53,21 @@ class SQLiteStore:
                     _migrate(conn)  # first use migrates, even if open() failed earlier
                     self._conn = conn
                 return fn(self._conn, *args)
-            except sqlite3.OperationalError as e:
-                # Locked or unreadable database: an outage to ride out, not a bug.
+            except BaseException as e:
+                # Whatever failed, never leave a transaction open: the next BEGIN would fail forever.
                 if self._conn is not None and self._conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self._conn.execute("ROLLBACK")
-                raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+                if isinstance(e, sqlite3.OperationalError):
+                    # Locked or unreadable database: an outage to ride out, not a bug.
+                    raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+                raise
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(self._run, fn, *args)
+
+    def is_data_error(self, e: BaseException) -> bool:
+        return isinstance(e, sqlite3.IntegrityError | sqlite3.InterfaceError | OverflowError | ValueError | TypeError)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -125,6 +131,15 @@ class SQLiteStore:
         cols = [f for f in fields if f in UPDATABLE_KEY_FIELDS]
         sql = f"UPDATE keys SET {', '.join(f'{quoted((c,))} = ?' for c in cols)} WHERE key_id = ?"
         await self._call(lambda c: c.execute(sql, (*(fields[f] for f in cols), key_id)))
+
+    async def list_budgets(self) -> list[Row]:
+        rows = await self._call(lambda c: c.execute("SELECT * FROM budgets ORDER BY id").fetchall())
+        return [dict(r) for r in rows]
+
+    async def put_budget(self, budget_id: str, body: str | None, at: datetime) -> None:
+        await self._call(lambda c: c.execute(
+            "INSERT INTO budgets (id, body, updated_at) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "body = excluded.body, updated_at = excluded.updated_at", (budget_id, body, at.isoformat())))
 
     async def revoke_key(self, key_id: str, at: datetime) -> bool:
         cur = await self._call(

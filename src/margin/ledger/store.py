@@ -23,6 +23,9 @@ class Store(Protocol):
     async def write_events(self, rows: list[Row]) -> None:
         """Insert rows; rows whose event_id is already stored are ignored (idempotent replay)."""
 
+    def is_data_error(self, e: BaseException) -> bool:
+        """True if `e` means the rows themselves are unacceptable (not that the store is down)."""
+
     async def count_events(self) -> int: ...
 
     async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
@@ -42,6 +45,11 @@ class Store(Protocol):
         """Set attribution / models / tags columns (never the hash) of an existing key."""
 
     async def schema_version(self) -> int: ...
+
+    async def list_budgets(self) -> list[Row]:
+        """Rows {id, body (JSON text or None for a deleted budget), updated_at}."""
+
+    async def put_budget(self, budget_id: str, body: str | None, at: datetime) -> None: ...
 
 
 def open_store(url: str) -> Store:

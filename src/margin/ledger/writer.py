@@ -12,12 +12,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-import orjson
-
 from margin.domain import Event
 from margin.ledger.schema import Row, event_to_row
 from margin.ledger.spool import Spool
-from margin.ledger.store import Store, StoreUnavailable
+from margin.ledger.store import Store
 
 log = logging.getLogger("margin.ledger")
 
@@ -51,6 +49,8 @@ class LedgerWriter:
         self._q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=queue_size)
         self._task: asyncio.Task[None] | None = None
         self._down = False
+        self._dirty = False  # rows went to the spool while the store was up (queue overflow)
+        self._unsaved: list[Row] = []  # rows neither the store nor the disk took yet: retried
         self._next_retry = 0.0
         self._idle = asyncio.Event()
 
@@ -61,8 +61,12 @@ class LedgerWriter:
         except asyncio.QueueFull:
             # Overload: the request pays an fsync rather than the ledger losing a row.
             self.stats.overflowed += 1
-            self.spool.append([event_to_row(event)])
-            self.stats.spooled += 1
+            self._dirty = True
+            try:
+                self.spool.append([event_to_row(event)])
+                self.stats.spooled += 1
+            except OSError:
+                self._unsaved.append(event_to_row(event))
 
     @property
     def queued(self) -> int:
@@ -79,8 +83,12 @@ class LedgerWriter:
         """Drain everything queued, then stop. Rows the store cannot take stay in the spool."""
         if self._task is None:
             return
-        await self._q.put(None)
-        await self._task
+        if not self._task.done():
+            try:
+                self._q.put_nowait(None)
+            except asyncio.QueueFull:
+                await self._q.put(None)  # the writer is alive and draining: room will come
+            await self._task
         self._task = None
 
     async def flush(self, timeout_s: float = 10.0) -> None:
@@ -96,13 +104,26 @@ class LedgerWriter:
             self._idle.set()
             batch, stopping = await self._next_batch(stopping)
             self._idle.clear()
-            if self._down and time.monotonic() >= self._next_retry:
-                await self._recover()
-            if batch:
-                await self._write([event_to_row(e) for e in batch])
-            if stopping and self._q.empty():
-                if self._down:
+            try:
+                if (self._down or self._dirty) and time.monotonic() >= self._next_retry:
                     await self._recover()
+                rows = self._unsaved + [event_to_row(e) for e in batch]
+                self._unsaved = []
+                if rows:
+                    await self._write(rows)
+                if stopping and self._q.empty() and (self._down or self._dirty):
+                    await self._recover()
+            except Exception as e:
+                # Neither store nor disk would take the rows (e.g. disk full): keep them in memory
+                # and try again; the task must never die, or everything after would be lost.
+                self._unsaved.extend(rows if "rows" in locals() else [])
+                log.error("ledger writer: could not store or spool %d rows, retrying: %s", len(self._unsaved), e)
+                await asyncio.sleep(self.retry_interval_s)
+                if not stopping:
+                    continue
+            if stopping and self._q.empty():
+                if self._unsaved:
+                    log.error("ledger writer: %d rows could not be saved at shutdown", len(self._unsaved))
                 self._idle.set()
                 return
 
@@ -118,8 +139,9 @@ class LedgerWriter:
                 stopping = True
             else:
                 batch.append(first)
-                # Let a batch gather: one transaction per interval, not per request.
-                await asyncio.sleep(self.flush_interval_s)
+                if self._q.qsize() < self.batch_size:
+                    # Let a batch gather: one transaction per interval, not per request.
+                    await asyncio.sleep(self.flush_interval_s)
         while len(batch) < self.batch_size:
             try:
                 item = self._q.get_nowait()
@@ -150,9 +172,11 @@ class LedgerWriter:
 
     async def _recover(self) -> None:
         """Replay every sealed spool file; on success the store is up again."""
+        self._dirty = False
         try:
             for path in await asyncio.to_thread(self.spool.seal):
-                for chunk in Spool.read(path):
+                chunks = Spool.read(path)
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                     await self._replay_chunk(chunk)
                 path.unlink()
         except Exception as e:
@@ -167,15 +191,17 @@ class LedgerWriter:
             await self.store.write_events(rows)
             self.stats.replayed += len(rows)
             return
-        except StoreUnavailable:
-            raise
-        except Exception:
+        except Exception as e:
+            # Only a data error (a value the schema refuses) is the rows' fault; anything else -
+            # connection, read-only standby, disk full, auth - is an outage: keep the spool.
+            if not self.store.is_data_error(e):
+                raise
             if len(rows) == 1:
-                # A row the store rejects on its own merits is set aside, never dropped.
-                with (self.spool.dir / "rejected.jsonl").open("ab") as f:
-                    f.write(orjson.dumps(rows[0]) + b"\n")
+                # A row the store rejects on its own merits is set aside (fsync'd), never dropped.
+                await asyncio.to_thread(self.spool.reject, rows[0])
                 self.stats.rejected += 1
-                log.error("ledger row rejected by the store, kept in rejected.jsonl: %s", rows[0].get("event_id"))
+                log.error("ledger row rejected by the store, kept in rejected.jsonl: %s (%s)",
+                          rows[0].get("event_id"), e)
                 return
         for r in rows:  # isolate the bad row
             await self._replay_chunk([r])

@@ -75,7 +75,9 @@ class OpenAIHTTPProvider:
         c = self.cfg
         # Streams may run long; what must not happen is a long silence between chunks.
         if stream:
-            return aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.timeout_s)
+            # `connect` also bounds the wait for a free pooled connection.
+            return aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s + 30,
+                                         sock_connect=c.connect_timeout_s, sock_read=c.timeout_s)
         return aiohttp.ClientTimeout(total=c.timeout_s, sock_connect=c.connect_timeout_s)
 
     def _session_or_fail(self) -> aiohttp.ClientSession:
@@ -128,10 +130,18 @@ class OpenAIHTTPProvider:
                     msg, etype = error_message(resp.status, body)
                     raise UpstreamError(resp.status, msg, etype or "upstream_error", body)
                 done = False
+                data_lines: list[bytes] = []
                 async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, comments, `event:` lines
-                    data = line[5:].strip()
+                    line = line.rstrip(b"\r\n")
+                    if line.startswith(b"data:"):
+                        data_lines.append(line[5:].lstrip(b" "))
+                        continue
+                    if line or not data_lines:
+                        continue  # `event:`/`id:`/comment lines, or a blank line with no event
+                    # A blank line ends the event; its data lines join with newlines (SSE spec).
+                    data, data_lines = b"\n".join(data_lines).strip(), []
+                    if not data:
+                        continue  # an empty keep-alive event
                     if data == _DONE:
                         done = True
                         yield Chunk(b"data: [DONE]\n\n", None)
@@ -139,12 +149,9 @@ class OpenAIHTTPProvider:
                     try:
                         parsed = orjson.loads(data)
                     except orjson.JSONDecodeError:
-                        raise UpstreamError(
-                            502,
-                            f"{self.name} streamed an event that is not JSON",
-                            "invalid_upstream_response",
-                        ) from None
-                    yield Chunk(b"data: " + data + b"\n\n", parsed)
+                        raise UpstreamError(502, f"{self.name} streamed an event that is not JSON",
+                                            "invalid_upstream_response") from None
+                    yield Chunk(b"data: " + data.replace(b"\n", b"") + b"\n\n", parsed)
                 if not done:
                     raise UpstreamConnectionError(f"{self.name}: stream ended before [DONE]")
         except TimeoutError:
