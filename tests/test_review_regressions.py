@@ -18,9 +18,8 @@ from margin.ledger.sqlite import SQLiteStore
 from margin.ledger.store import StoreUnavailable
 from margin.providers.openai_http import OpenAIHTTPProvider
 from margin.providers.usage import parse_usage
-from tests.conftest import Gateway, free_port, gateway_config, start_gateway, stop
+from tests.conftest import free_port, gateway_config, start_gateway, stop
 from tests.test_ledger_writer import event
-
 
 # --- usage parsing -------------------------------------------------------------------------------
 
@@ -50,8 +49,9 @@ def test_garbage_token_counts_are_clamped() -> None:
 
 SCRIPTS: dict[str, bytes] = {
     # data split over two lines, a bare keep-alive, CRLF endings, an `event:` line
-    "multiline": (b": hello\r\n\r\nevent: message\r\ndata: {\"choices\":[{\"index\":0,\r\ndata: \"delta\":{\"content\":\"hi \"}}]}"
-                  b"\r\n\r\ndata:\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}\r\n\r\n"
+    "multiline": (b': hello\r\n\r\nevent: message\r\ndata: {"choices":[{"index":0,\r\n'
+                  b'data: "delta":{"content":"hi "}}]}\r\n\r\ndata:\r\n\r\n'
+                  b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1}}\r\n\r\n'
                   b"data: [DONE]\r\n\r\n"),
     # DeepSeek-style: usage on the last content chunk
     "usage_on_content": (b'data: {"choices":[{"index":0,"delta":{"content":"a "}}]}\n\n'
@@ -105,7 +105,8 @@ async def test_sse_multiline_data_keepalives_and_crlf(upstream: str) -> None:
 
 
 async def test_gateway_bills_provider_usage_in_edge_cases(upstream: str, tmp_path: Path) -> None:
-    gw = await asyncio.to_thread(start_gateway, tmp_path, gateway_config(tmp_path, upstream, f"sqlite:///{tmp_path}/l.db"))
+    cfg = gateway_config(tmp_path, upstream, f"sqlite:///{tmp_path}/l.db")
+    gw = await asyncio.to_thread(start_gateway, tmp_path, cfg)
     try:
         k = await asyncio.to_thread(gw.create_key, team="edge")
         async with httpx.AsyncClient(timeout=10) as c:
