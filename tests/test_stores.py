@@ -40,7 +40,7 @@ async def test_writes_are_idempotent_and_money_exact(url: str) -> None:
         r = got[rows[5]["event_id"]]
         assert datetime.fromisoformat(r["ts_start"]) == datetime.fromisoformat(rows[5]["ts_start"])
         assert (r["team"], r["input_tokens"], r["stream"]) == ("t", 10, 0)
-        assert await store.schema_version() == 1
+        assert await store.schema_version() == 2
         later = await store.fetch_events(since=datetime.now(UTC))
         assert later == []
     finally:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+SCOPE_DIMENSIONS = frozenset({"org", "team", "user", "key", "app", "env", "workflow", "model", "provider"})
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -66,6 +69,7 @@ class ModelConfig(_Strict):
     provider: str
     upstream_model: str | None = None
     context_window: int = Field(default=8192, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
     price: Price | None = None
     throughput: Throughput | None = None
     power_watts: float | None = Field(default=None, gt=0)
@@ -73,6 +77,10 @@ class ModelConfig(_Strict):
     @property
     def upstream_id(self) -> str:
         return self.upstream_model or self.name
+
+    @property
+    def output_cap(self) -> int:
+        return self.max_output_tokens or min(self.context_window, 16384)
 
     @model_validator(mode="after")
     def _self_hosted_needs_throughput(self) -> ModelConfig:
@@ -125,6 +133,60 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
 
+class ThresholdConfig(_Strict):
+    at: Decimal = Field(gt=0, le=100, description="percent of the limit")
+    action: Literal["notify", "downgrade", "defer", "block"]
+    map: dict[str, str] = Field(default_factory=dict, description="downgrade: model -> lighter model (globs)")
+    priority: str = "low"
+
+    @model_validator(mode="after")
+    def _map_for_downgrade(self) -> ThresholdConfig:
+        if self.action == "downgrade" and not self.map:
+            raise ValueError("a downgrade threshold needs `map` (e.g. {gpt-4o: gpt-4o-mini})")
+        return self
+
+
+class BudgetConfig(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = ""
+    scope: dict[str, str] = Field(default_factory=dict)
+    limit_usd: Decimal | None = Field(default=None, gt=0)
+    limit_tokens: int | None = Field(default=None, gt=0)
+    period: Literal["day", "week", "month", "custom", "rolling"] = "month"
+    timezone: str = "UTC"
+    rolling: str | None = None  # e.g. "24h", "7d" (period: rolling)
+    start: datetime | None = None  # period: custom
+    end: datetime | None = None
+    thresholds: list[ThresholdConfig] = Field(
+        default_factory=lambda: [ThresholdConfig(at=Decimal(100), action="block")])
+    webhook: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetConfig:
+        if (self.limit_usd is None) == (self.limit_tokens is None):
+            raise ValueError(f"budget {self.id!r}: give exactly one of limit_usd, limit_tokens")
+        bad = [d for d in self.scope if d not in SCOPE_DIMENSIONS and not d.startswith("tag:")]
+        if bad:
+            raise ValueError(f"budget {self.id!r}: unknown scope dimension(s) {bad}; "
+                             f"use {', '.join(sorted(SCOPE_DIMENSIONS))} or tag:<name>")
+        if self.period == "rolling" and not self.rolling:
+            raise ValueError(f"budget {self.id!r}: period rolling needs `rolling`, e.g. 24h")
+        if self.period == "custom" and not (self.start and self.end and self.start < self.end):
+            raise ValueError(f"budget {self.id!r}: period custom needs start < end")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"budget {self.id!r}: unknown time zone {self.timezone!r}") from None
+        return self
+
+
+class RateLimitConfig(_Strict):
+    id: str = Field(min_length=1)
+    scope: dict[str, str] = Field(default_factory=dict)
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
+
+
 class Config(_Strict):
     admin_key: str | None = None
     providers: list[ProviderConfig]
@@ -133,6 +195,13 @@ class Config(_Strict):
     telemetry: TelemetryConfig = TelemetryConfig()
     limits: LimitsConfig = LimitsConfig()
     key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # Budgets and rate limits. `state` is "memory" (one replica) or a redis:// URL (shared).
+    state: str = "memory"
+    state_failure: Literal["closed", "open"] = "closed"
+    fail_open_allowance_usd: Decimal = Decimal("1")
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    budget_refresh_s: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -145,6 +214,8 @@ class Config(_Strict):
         for m in self.models:
             if m.provider not in names:
                 raise ValueError(f"model {m.name!r} names unknown provider {m.provider!r}; known: {names}")
+        if not (self.state == "memory" or self.state.startswith(("redis://", "rediss://", "unix://"))):
+            raise ValueError(f"state must be 'memory' or a redis:// URL, not {self.state!r}")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from margin.gateway import budget_admin
 from margin.gateway.auth import is_admin
 from margin.gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, Unauthorized
 from margin.gateway.pipeline import JSON_HEADERS, Headers
@@ -65,7 +66,9 @@ async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str]
         raise Forbidden("The admin API is disabled: set admin_key in margin.yaml", code="admin_disabled")
     if not is_admin(headers.get("authorization"), app.cfg.admin_key):
         raise Unauthorized("The admin API needs 'Authorization: Bearer <admin_key>'", code="invalid_admin_key")
-    parts = path.strip("/").split("/")  # ["admin", "keys", id?]
+    parts = path.strip("/").split("/")  # ["admin", "keys" | "budgets", id?]
+    if len(parts) in (2, 3) and parts[1] == "budgets":
+        return await budget_admin.handle(app, method, parts, body)
     if len(parts) < 2 or parts[1] != "keys" or len(parts) > 3:
         raise NotFound(f"Unknown admin path {path}", code="unknown_url")
     key_id = parts[2] if len(parts) == 3 else None

@@ -16,6 +16,7 @@ from margin.config import Config
 from margin.domain import Endpoint
 from margin.gateway import admin
 from margin.gateway.auth import KeyRing
+from margin.gateway.budgets import BudgetGuard, recover_spend
 from margin.gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from margin.gateway.pipeline import JSON_HEADERS, Headers, Pipeline
 from margin.ledger import LedgerWriter, Spool, open_store
@@ -23,6 +24,7 @@ from margin.policy.route import Target
 from margin.pricing import PriceBook
 from margin.providers import make_provider
 from margin.providers.base import Provider
+from margin.state import MemoryState, make_state
 from margin.telemetry import Telemetry
 
 log = logging.getLogger("margin.gateway")
@@ -94,7 +96,10 @@ class MarginApp:
         self.prices = PriceBook(cfg.models)
         self.providers: dict[str, Provider] = {p.name: make_provider(p) for p in cfg.providers}
         self.targets = {m.name: Target(m.name, m.provider, m.upstream_id) for m in cfg.models}
-        self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry)
+        self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state))
+        self._refresher: asyncio.Task[None] | None = None
+        self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
+                                 self.guard)
         self.max_body = cfg.limits.max_body_bytes
 
     def ledger_stats(self) -> dict[str, float]:
@@ -111,12 +116,39 @@ class MarginApp:
         await self.writer.start()
         for p in self.providers.values():
             await p.start()
+        await self._load_budgets()
+        self._refresher = asyncio.create_task(self._refresh_budgets(), name="budget-refresh")
         # Start-up objects (config, the genai-prices snapshot, models) live forever: move them out
         # of the collector's reach so full collections under load stay short (p99).
         gc.collect()
         gc.freeze()
 
+    async def _load_budgets(self) -> None:
+        from margin.gateway.budget_admin import reload
+
+        try:
+            await reload(self)
+            if isinstance(self.guard.state, MemoryState):
+                # In-process counters start empty: rebuild this period's spend from the ledger.
+                n = await recover_spend(self.store, self.guard)
+                log.info("budgets: recovered spend from %d ledger events", n)
+        except Exception as e:
+            log.error("budgets: could not load stored budgets or recover spend (%s); config budgets only", e)
+
+    async def _refresh_budgets(self) -> None:
+        from margin.gateway.budget_admin import reload
+
+        while True:
+            await asyncio.sleep(self.cfg.budget_refresh_s)
+            try:
+                await reload(self)
+            except Exception as e:  # store down: keep the definitions we have
+                log.debug("budget refresh failed: %s", e)
+
     async def shutdown(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.guard.close()
         await self.writer.close()
         for p in self.providers.values():
             await p.close()
@@ -202,7 +234,7 @@ class MarginApp:
                     for m in self.cfg.models if not key.models or m.name in key.models]
             return 200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data})
         if path.startswith("/admin/"):
-            body = await self._read_body(headers, receive) if method in ("POST", "PATCH") else b""
+            body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
             return await admin.handle(self, method, path, headers, body)
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 

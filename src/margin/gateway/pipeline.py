@@ -3,18 +3,23 @@ meter. Every outcome, refused and failed ones included, becomes exactly one ledg
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
 import uuid_utils
 
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, usd
 from margin.gateway.auth import KeyRing, RevokedKey
+from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.request import build_call, parse_json
+from margin.gateway.stream import UPSTREAM_ERRORS, Relayed, relay
 from margin.ledger.writer import LedgerWriter
 from margin.policy import route
 from margin.pricing import PriceBook
@@ -23,6 +28,7 @@ from margin.providers.base import Chunk, Provider, UpstreamConnectionError, Upst
 from margin.providers.usage import parse_usage
 from margin.telemetry import Telemetry
 
+log = logging.getLogger("margin.gateway")
 Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -33,6 +39,7 @@ class Out(Protocol):
     """How the pipeline answers; the ASGI shell implements it."""
 
     disconnected: bool
+    started: bool
 
     async def respond(self, status: int, headers: Headers, body: bytes) -> None: ...
 
@@ -68,7 +75,8 @@ def _upstream_error(e: Exception) -> GatewayError:
 
 def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:
     if endpoint == "chat":
-        return count_messages(payload.get("messages"))
+        tools = payload.get("tools")  # tool definitions are prompt tokens too
+        return count_messages(payload.get("messages")) + (count_text(orjson.dumps(tools).decode()) if tools else 0)
     return count_prompt(payload.get("prompt") if endpoint == "completion" else payload.get("input"))
 
 
@@ -81,19 +89,10 @@ def _output_text(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _has_content(data: dict[str, Any]) -> bool:
-    for c in data.get("choices") or ():
-        if isinstance(c, dict):
-            d = c.get("delta")
-            if c.get("text") or (isinstance(d, dict) and (d.get("content") or d.get("tool_calls")
-                                                           or d.get("reasoning_content"))):
-                return True
-    return False
-
-
 class Pipeline:
     def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
-                 keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry):
+                 keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry, guard: BudgetGuard):
+        self.guard = guard
         self.targets = targets
         self.providers = providers
         self.prices = prices
@@ -125,8 +124,12 @@ class Pipeline:
         await out.respond(error.status, JSON_HEADERS, error.body())
 
     async def handle(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, out: Out) -> None:
+        """Exactly one ledger event per call, whatever happens (errors, cancellation, bugs)."""
         t0 = time.perf_counter()
         ev = self._new_event(endpoint, headers)
+        admission: Admission | None = None
+        upstream_s: float | None = None
+        failure: GatewayError | None = None
         try:
             key = await self.keys.authenticate(headers.get("authorization"))
             ev.attribution = key.attribution()
@@ -141,26 +144,46 @@ class Pipeline:
             if isinstance(decision, route.Refusal):
                 raise _REFUSALS.get(decision.status, BadRequest)(decision.message, param=decision.param,
                                                                  code=decision.code, status=decision.status)
-            ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
+            admission = await self.guard.admit(call, decision, len(body), len(payload.get("messages") or ()), ev)
             upstream_payload = dict(payload)
+            if admission is not None:
+                decision = self._apply_budget(admission, decision, upstream_payload)
+            ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
             upstream_payload["model"] = decision.upstream_model
             if call.stream:
-                await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
+                upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
             else:
-                await self._complete(call, decision, payload, upstream_payload, headers, ev, t0, out)
+                upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out)
         except GatewayError as e:
             if isinstance(e, RevokedKey):
                 ev.attribution = e.key.attribution()
             ev.status, ev.error_type = e.status, e.code or e.type
-            self._record(ev, t0)
-            await out.respond(e.status, [*JSON_HEADERS, *_h(e.headers)], e.body())
-        except Exception as e:  # a bug must still answer in OpenAI form and be metered
-            err = ServerError(f"Internal error in margin: {type(e).__name__}: {e}")
-            ev.status, ev.error_type = err.status, "internal_error"
-            self._record(ev, t0)
-            if not out.disconnected:
-                await out.respond(err.status, JSON_HEADERS, err.body())
+            failure = e
+        except asyncio.CancelledError:  # server shutdown or client gone: still one event
+            if ev.status == 200:
+                ev.status, ev.error_type = 499, "cancelled"
             raise
+        except Exception as e:  # a bug must still answer in OpenAI form and be metered
+            log.exception("internal error handling %s", ev.request_id)
+            failure = ServerError(f"Internal error in margin: {type(e).__name__}: {e}")
+            ev.status, ev.error_type = failure.status, "internal_error"
+        finally:
+            self._record(ev, t0, upstream_s)
+            if admission is not None:
+                await self.guard.settle(admission, ev)
+        if failure is not None and not out.started and not out.disconnected:
+            await out.respond(failure.status, [*JSON_HEADERS, *_h(failure.headers)], failure.body())
+
+    def _apply_budget(self, adm: Admission, decision: RouteDecision, upstream_payload: dict[str, Any]) -> RouteDecision:
+        """A downgrade serves the lighter model; a cap bounds the output so the cost fits."""
+        p = adm.plan
+        if p.max_tokens is not None:
+            upstream_payload["max_tokens"] = p.max_tokens
+        if p.model == decision.model:
+            return decision
+        t = self.targets[p.model]
+        return RouteDecision(model=t.model, provider=t.provider, upstream_model=t.upstream_model,
+                             reason=f"budget downgrade from {p.downgraded_from}", downgraded_from=p.downgraded_from)
 
     def _meter(self, ev: Event, decision: RouteDecision, usage: Usage) -> None:
         ev.usage = usage
@@ -168,17 +191,19 @@ class Pipeline:
         ev.energy_j = self.prices.energy(decision.model, usage)
 
     def _route_headers(self, ev: Event, decision: RouteDecision) -> Headers:
-        return [(b"x-margin-route", f"{decision.model} via {decision.provider} ({decision.reason})".encode()),
-                (b"x-margin-request-id", ev.request_id.encode()), (b"x-margin-event-id", ev.event_id.encode())]
+        h = [(b"x-margin-route", f"{decision.model} via {decision.provider} ({decision.reason})".encode()),
+             (b"x-margin-request-id", ev.request_id.encode()), (b"x-margin-event-id", ev.event_id.encode())]
+        if decision.downgraded_from:
+            h.append((b"x-margin-downgraded-from", decision.downgraded_from.encode()))
+        return h
 
     async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
-                        upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
-                        out: Out) -> None:
+                        upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out) -> float:
         provider = self.providers[decision.provider]
         t_up = time.perf_counter()
         try:
             reply = await provider.send(call.endpoint, upstream_payload, headers)
-        except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
+        except UPSTREAM_ERRORS as e:
             raise _upstream_error(e) from None
         upstream_s = time.perf_counter() - t_up
         usage = parse_usage(reply.data) or Usage(
@@ -187,12 +212,12 @@ class Pipeline:
         self._meter(ev, decision, usage)
         response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
-        self._record(ev, t0, upstream_s)
         await out.respond(200, response_headers, reply.body)
+        return upstream_s
 
     async def _stream(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                       upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
-                      out: Out) -> None:
+                      out: Out) -> float:
         provider = self.providers[decision.provider]
         opts = payload.get("stream_options")
         client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -205,53 +230,39 @@ class Pipeline:
         except StopAsyncIteration:
             raise UpstreamFailed("Upstream closed the stream without sending anything",
                                  code="upstream_connection_error") from None
-        except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
+        except UPSTREAM_ERRORS as e:
             raise _upstream_error(e) from None
         await out.start(200, [*SSE_HEADERS, *self._route_headers(ev, decision)])
-        usage: Usage | None = None
-        n_out, t_first, t_last = 0, 0.0, 0.0
-        chunk: Chunk | None = first
-        try:
-            while chunk is not None:
-                data = chunk.data
-                forward = True
-                if data is None:  # [DONE]: tell the client what it cost, then finish
-                    self._meter(ev, decision, usage or self._estimate(call, payload, n_out))
-                    await out.chunk(f": margin cost_usd={usd(ev.cost.total_usd)} event_id={ev.event_id}\n\n".encode())
-                elif data.get("usage") and not data.get("choices"):
-                    usage = parse_usage(data)
-                    forward = client_wants_usage
-                elif _has_content(data):
-                    n_out += 1
-                    t_last = time.perf_counter()
-                    t_first = t_first or t_last
-                if out.disconnected:
-                    ev.status, ev.error_type = 499, "client_disconnected"
-                    break
-                if forward:
-                    await out.chunk(chunk.raw)
-                if data is None:
-                    break
-                chunk = await anext(chunks, None)
-        except (UpstreamError, UpstreamTimeout, UpstreamConnectionError) as e:
-            err = _upstream_error(e)
+
+        async def on_done(r: Relayed) -> bytes:  # just before [DONE]: tell the client the cost
+            self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
+            return f": margin cost_usd={usd(ev.cost.total_usd)} event_id={ev.event_id}\n\n".encode()
+
+        r = await relay(chunks, first, out, client_wants_usage, on_done)
+        if r.client_left:
+            ev.status, ev.error_type = 499, "client_disconnected"
+        elif r.failure is not None:
+            err = (_upstream_error(r.failure) if isinstance(r.failure, UPSTREAM_ERRORS)
+                   else ServerError(f"Internal error in margin: {type(r.failure).__name__}: {r.failure}"))
             ev.status, ev.error_type = err.status, err.code or "upstream_error"
             if not out.disconnected:
                 await out.chunk(b"data: " + err.body() + b"\n\n")
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        if ev.status != 200 or not ev.usage.total_tokens:
-            # Partial or unreported stream: bill what was delivered, and say it is an estimate.
-            self._meter(ev, decision, usage if usage and ev.status == 200 else self._estimate(call, payload, n_out))
-        if t_first:
-            ev.ttft_ms = _ms(t0, t_first)
-            if n_out > 1:
-                ev.tpot_ms = round((t_last - t_first) * 1000 / (n_out - 1), 3)
-        self._record(ev, t0, time.perf_counter() - t_up)
+        elif r.upstream_error_event:
+            ev.status, ev.error_type = 502, "upstream_error"
+        # Provider-reported usage wins whenever it arrived; otherwise bill what was delivered.
+        self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
+        if r.t_first:
+            ev.ttft_ms = _ms(t0, r.t_first)
+            if r.n_out > 1:
+                ev.tpot_ms = round((r.t_last - r.t_first) * 1000 / (r.n_out - 1), 3)
+        return time.perf_counter() - t_up
 
-    def _estimate(self, call: Call, payload: dict[str, Any], n_out: int) -> Usage:
-        # Streamed chunks carry one token each on OpenAI-compatible servers.
-        return Usage(input_tokens=estimate_input(call.endpoint, payload), output_tokens=n_out, source="estimated")
+    def _estimate(self, call: Call, payload: dict[str, Any], r: Relayed) -> Usage:
+        # OpenAI-compatible servers usually stream one token per chunk; some batch several,
+        # which the text count catches.
+        out_tokens = max(r.n_out, count_text("".join(r.pieces)))
+        return Usage(input_tokens=estimate_input(call.endpoint, payload), output_tokens=out_tokens,
+                     source="estimated")
 
 
 def _h(headers: dict[str, str]) -> Headers:

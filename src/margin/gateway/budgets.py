@@ -1,0 +1,266 @@
+"""The imperative side of budgets: load definitions, call the pure policy, reserve and settle on
+the state backend, fire notifications, degrade as configured when shared state is down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import orjson
+
+from margin.config import BudgetConfig, Config, RateLimitConfig
+from margin.domain import Attribution, Call, Event, RouteDecision
+from margin.domain.budget import Budget, BudgetUnit, CounterState, Hold, RateLimit, Threshold, to_units
+from margin.gateway.errors import GatewayError
+from margin.policy import budget as policy
+from margin.pricing import PriceBook
+from margin.state import MemoryState, State, StateUnavailable
+
+log = logging.getLogger("margin.budgets")
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class BudgetRefused(GatewayError):
+    status, type, code = 429, "budget_error", "budget_exceeded"
+
+
+class StateDown(GatewayError):
+    status, type, code = 503, "api_error", "budget_state_unavailable"
+
+
+def duration_s(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h, 7d")
+    return int(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def to_budget(c: BudgetConfig) -> Budget:
+    unit: BudgetUnit = "usd" if c.limit_usd is not None else "tokens"
+    limit = c.limit_usd if c.limit_usd is not None else Decimal(c.limit_tokens or 0)
+    return Budget(
+        id=c.id, name=c.name, limit=limit, unit=unit, scope=tuple(sorted(c.scope.items())), period=c.period,
+        timezone=c.timezone, rolling_s=duration_s(c.rolling) if c.rolling else 0, custom_start=c.start,
+        custom_end=c.end, webhook=c.webhook,
+        thresholds=tuple(Threshold(t.at, t.action, tuple(t.map.items()), t.priority) for t in c.thresholds),
+    )
+
+
+def to_rate_limit(c: RateLimitConfig) -> RateLimit:
+    return RateLimit(c.id, tuple(sorted(c.scope.items())), c.rpm, c.tpm)
+
+
+@dataclass(slots=True)
+class Admission:
+    """What a call took from its budgets; settled exactly once when it ends."""
+
+    rid: str
+    plan: policy.BudgetPlan
+    state: State
+
+
+class BudgetGuard:
+    def __init__(self, cfg: Config, prices: PriceBook, state: State):
+        self.cfg = cfg
+        self.prices = prices
+        self.state = state
+        self.fallback = MemoryState()  # fail-open allowance while shared state is down
+        self.config_budgets = {b.id: b for b in cfg.budgets}
+        self.budgets: list[Budget] = [to_budget(b) for b in cfg.budgets]
+        self.definitions: dict[str, BudgetConfig] = dict(self.config_budgets)
+        self.stored_ids: set[str] = set()
+        self.rate_limits = [to_rate_limit(r) for r in cfg.rate_limits]
+        self.snapshot: dict[str, CounterState] = {}
+        self.fired: list[dict[str, Any]] = []  # recent actions, for /admin/budgets status
+        self.models = {m.name: m for m in cfg.models}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.state_failures = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.budgets or self.rate_limits)
+
+    def load(self, stored: list[BudgetConfig], deleted: set[str] | None = None) -> None:
+        """Config budgets, overlaid by those stored through the admin API (stored wins by id;
+        a deleted config budget stays deleted)."""
+        defs = {k: v for k, v in self.config_budgets.items() if k not in (deleted or set())}
+        defs.update({b.id: b for b in stored})
+        self.stored_ids = {b.id for b in stored}
+        self.definitions = defs
+        self.budgets = [to_budget(b) for b in defs.values()]
+
+    def _price(self, model: str, inp: int, out: int) -> Decimal:
+        return self.prices.rates(model).worst_case(inp, out)
+
+    def _provider(self, model: str) -> str:
+        m = self.models.get(model)
+        return m.provider if m else ""
+
+    # -- admission ------------------------------------------------------------------------------
+    async def admit(self, call: Call, decision: RouteDecision, body_len: int, n_messages: int,
+                    ev: Event) -> Admission | None:
+        if not self.active:
+            return None
+        now = datetime.now(UTC)
+        model_cfg = self.models[decision.model]
+        dims = policy.dims_of(call.attribution, call.workflow, decision.model, decision.provider)
+        args: dict[str, Any] = dict(
+            dims=dims, budgets=self.budgets, rate_limits=self.rate_limits, price=self._price,
+            prompt_bound=policy.input_bound(body_len, n_messages), max_tokens=call.max_tokens,
+            model_max_output=model_cfg.output_cap, priority=call.priority, now=now, provider_of=self._provider,
+        )
+        p = policy.plan(model=decision.model, snapshot=self.snapshot, **args)
+        self._notify(p, ev)
+        if p.refusal is not None:
+            self._refuse(p.refusal, ev)
+        rid = uuid.uuid4().hex
+        # A reservation outlives the longest the call can take, then lapses (a crashed replica
+        # cannot hold budget forever).
+        prov = next((pc for pc in self.cfg.providers if pc.name == self._provider(p.model)), None)
+        ttl = (prov.timeout_s if prov else 600.0) + 60
+        state, result = await self._reserve(rid, p.holds, now.timestamp(), ttl)
+        self.snapshot.update(result.states)
+        if not result.ok:
+            # The snapshot was stale: plan again on what the reservation saw (one retry may
+            # downgrade instead of refusing), then refuse if it still does not fit.
+            p = policy.plan(model=decision.model, snapshot={**self.snapshot, **result.states}, **args)
+            if p.refusal is None:
+                state, result = await self._reserve(rid, p.holds, now.timestamp(), ttl)
+                self.snapshot.update(result.states)
+            if p.refusal is not None or not result.ok:
+                self._refuse(p.refusal or self._refusal_for(result.failed_key, result.states, result.retry_after_s,
+                                                            p, now), ev)
+        if p.downgraded_from:
+            ev.actions.append({"action": "downgrade", "from": p.downgraded_from, "to": p.model,
+                               "budgets": [a.budget.id for a in p.applied]})
+        return Admission(rid, p, state)
+
+    async def _reserve(self, rid: str, holds: list[Hold], now: float, ttl: float) -> tuple[State, Any]:
+        try:
+            return self.state, await self.state.reserve(rid, holds, now, ttl)
+        except StateUnavailable as e:
+            self.state_failures += 1
+            if self.cfg.state_failure == "closed":
+                log.error("budget state unavailable, refusing (state_failure: closed): %s", e)
+                raise StateDown("Budget state is unavailable; refusing rather than risk overspending "
+                                "(state_failure: closed)") from None
+            cap = to_units(self.cfg.fail_open_allowance_usd, "usd")
+            log.warning("budget state unavailable, serving from a local allowance (state_failure: open): %s", e)
+            clamped = [h if h.kind == "bucket" or h.unit != "usd" else
+                       Hold(h.key, h.kind, min(h.limit, cap), h.amount, h.expires_at, h.window_s, h.unit)
+                       for h in holds]
+            return self.fallback, await self.fallback.reserve(rid, clamped, now, ttl)
+
+    def _refusal_for(self, key: str, states: dict[str, CounterState], retry: float, p: policy.BudgetPlan,
+                     now: datetime) -> policy.Refusal:
+        if key.startswith("rl:"):
+            return policy.Refusal("rate_limit_exceeded", f"Rate limit exceeded: {key.split(':')[1]} "
+                                  f"({key.rsplit(':', 1)[-1]}); retry in {retry:.1f} s", max(retry, 0.001))
+        a = next(a for a in p.applied if a.key == key)
+        return policy.exceeded(a, states.get(key, CounterState()), now)
+
+    def _refuse(self, r: policy.Refusal, ev: Event) -> None:
+        ev.actions.append({"action": "block" if r.code == "budget_exceeded" else r.code, "budget": r.budget_id})
+        err = BudgetRefused(r.message, code=r.code, headers={"Retry-After": str(max(1, round(r.retry_after_s)))})
+        if r.code == "rate_limit_exceeded":
+            err.type = "rate_limit_error"
+        raise err
+
+    # -- settlement -----------------------------------------------------------------------------
+    async def settle(self, adm: Admission, ev: Event) -> None:
+        """Spend what the call really cost; release the rest of the reservation."""
+        cost, tokens = ev.cost.total_usd, ev.usage.total_tokens
+        actual = {h.key: (to_units(cost, "usd") if h.unit == "usd" else tokens) if h.kind == "budget"
+                  else (1 if h.key.endswith(":rpm") else tokens) for h in adm.plan.holds}
+        over = [h.key for h in adm.plan.holds if h.kind == "budget" and actual[h.key] > h.amount]
+        if over:  # cannot happen if the upstream honours max_tokens; say so loudly if it does
+            log.error("call %s cost more than its reservation on %s", ev.event_id, over)
+            ev.actions.append({"action": "overrun", "keys": over})
+        try:
+            self.snapshot.update(await adm.state.settle(adm.rid, actual, time.time()))
+        except StateUnavailable as e:
+            # The reservation lapses after its ttl; the ledger keeps the truth for reconciliation.
+            log.error("could not settle %s (state unavailable): %s", adm.rid, e)
+
+    # -- notifications --------------------------------------------------------------------------
+    def _notify(self, p: policy.BudgetPlan, ev: Event) -> None:
+        for a, th, frac in p.notify:
+            task = asyncio.create_task(self._fire(a, th, frac))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fire(self, a: policy.Applied, th: Threshold, frac: float) -> None:
+        try:
+            first = await self.state.mark_fired(a.key, f"notify@{th.pct}", a.end.timestamp() + 86400)
+        except StateUnavailable:
+            return
+        if not first:
+            return
+        b = a.budget
+        payload = {"event": "budget.threshold", "budget": b.id, "name": b.label, "scope": dict(b.scope),
+                   "threshold_pct": float(th.pct), "used_pct": round(frac * 100, 2), "limit": str(b.limit),
+                   "unit": b.unit, "counter": a.key, "period_start": a.start.isoformat(),
+                   "period_end": a.end.isoformat(), "at": datetime.now(UTC).isoformat()}
+        self.fired.append(payload)
+        del self.fired[:-200]
+        log.warning("budget %s reached %.1f%% (threshold %s%%)", b.id, frac * 100, th.pct)
+        if b.webhook:
+            await self._post(b.webhook, payload)
+
+    async def _post(self, url: str, payload: dict[str, Any]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            async with self._session.post(url, data=orjson.dumps(payload),
+                                          headers={"Content-Type": "application/json"}) as r:
+                if r.status >= 400:
+                    log.warning("budget webhook %s answered HTTP %s", url, r.status)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("budget webhook %s failed: %s", url, e)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            await asyncio.wait_for(t, 6)
+        if self._session is not None:
+            await self._session.close()
+        await self.state.close()
+
+
+async def recover_spend(store: Any, guard: BudgetGuard) -> int:
+    """Sum this period's settled spend per budget counter from the ledger into the state."""
+    if not guard.budgets:
+        return 0
+    now = datetime.now(UTC)
+    starts = [policy.window(b, now)[0] for b in guard.budgets]
+    rows = await store.fetch_events(since=min(starts))
+    totals: dict[str, tuple[Hold, int]] = {}
+    for r in rows:
+        if not r.get("cost_usd") or r.get("status") in (None, 0):
+            continue
+        tags = tuple(sorted(orjson.loads(r.get("tags") or "{}").items()))
+        attribution = Attribution(r.get("org") or "", r.get("team") or "", r.get("user") or "", r.get("app") or "",
+                                  r.get("env") or "", r.get("key_id") or "", tags)
+        dims = policy.dims_of(attribution, r.get("workflow") or "", r.get("model") or "", r.get("provider") or "")
+        ts = datetime.fromisoformat(r["ts_start"])
+        for a in policy.applicable(guard.budgets, dims, now):
+            if not a.start <= ts < a.end:
+                continue
+            b = a.budget
+            units = (to_units(Decimal(r["cost_usd"]), "usd") if b.unit == "usd"
+                     else int(r.get("input_tokens") or 0) + int(r.get("output_tokens") or 0))
+            hold = Hold(a.key, "budget", a.limit_units, 0, a.end.timestamp() + policy.COUNTER_SLACK_S,
+                        float(b.rolling_s) if b.period == "rolling" else 0.0, b.unit)
+            totals[a.key] = (hold, totals.get(a.key, (hold, 0))[1] + units)
+    for hold, units in totals.values():
+        await guard.state.add_spent(hold, units, now.timestamp())
+    return len(rows)
