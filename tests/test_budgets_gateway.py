@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -195,6 +197,19 @@ def test_live_admin_and_restart_recovery(mock_upstream: Mock, tmp_path: Path) ->
         assert bad.status_code == 400 and "limit_usd" in bad.json()["error"]["message"]
         listed = httpx.get(gw.url + "/admin/budgets", headers=admin).json()["data"]
         assert [b["id"] for b in listed] == ["ops"] and listed[0]["source"] == "admin"
+        # The CLI drives the same API.
+        cli = [sys.executable, "-m", "margin", "budgets"]
+        common = ["--config", str(gw.config), "--url", gw.url]
+        r2 = subprocess.run([*cli, "set", "--id", "ops-weekly", "--scope", "team=ops", "--limit-usd", "5",
+                             "--period", "week", "--threshold", "80:downgrade:gpt-4o=gpt-4o-mini",
+                             "--threshold", "100:block", *common, "--json"], capture_output=True, text=True)
+        assert r2.returncode == 0, r2.stderr
+        assert orjson.loads(r2.stdout)["thresholds"][0]["map"] == {"gpt-4o": "gpt-4o-mini"}
+        out = subprocess.run([*cli, "status", "ops", *common], capture_output=True, text=True)
+        assert out.returncode == 0 and "ops" in out.stdout and "0.0004 USD" in out.stdout
+        missing = subprocess.run([*cli, "status", "nope", *common], capture_output=True, text=True)
+        assert missing.returncode == 2 and "No budget with id nope" in missing.stderr
+        httpx.delete(gw.url + "/admin/budgets/ops-weekly", headers=admin)
     finally:
         assert gw.proc is not None
         stop(gw.proc)

@@ -10,13 +10,14 @@ from pathlib import Path
 import typer
 
 from margin import __version__
-from margin.cli import keys
+from margin.cli import budgets, keys
 from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
 from margin.domain import usd
 
 app = typer.Typer(help="margin: meter, price and control every LLM call.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 app.add_typer(keys.app, name="keys")
+app.add_typer(budgets.app, name="budgets")
 config_app = typer.Typer(help="Validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
