@@ -161,13 +161,13 @@ def reading(doc: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def update_markdown(path: Path, section: str) -> None:
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
+def update_markdown(path: Path, section: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> None:
+    block = f"{mark_start}\n{section.rstrip()}\n{mark_end}"
     if path.exists():
         text = path.read_text()
-        start, end = text.find(MARK_START), text.find(MARK_END)
+        start, end = text.find(mark_start), text.find(mark_end)
         if start != -1 and end != -1 and end > start:
-            text = text[:start] + block + text[end + len(MARK_END) :]
+            text = text[:start] + block + text[end + len(mark_end) :]
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
     else:

@@ -101,10 +101,11 @@ def create_key(cfg: Path) -> str:
     raise StartupError(f"no key in the output of `{shlex.join(cmd)}`:\n{out}")
 
 
-def start_margin(stack: Stack) -> None:
+def start_margin(stack: Stack, name: str = "margin", extra: dict[str, Any] | None = None) -> None:
+    """A gateway in front of the mock; `extra` adds config (budgets, state, ...) under target `name`."""
     assert stack.mock is not None
     mock_port = stack.targets["direct"].url.split(":")[2].split("/")[0]
-    cfg = stack.tmp / "margin.yaml"
+    cfg = stack.tmp / f"{name}.yaml"
     config = {
         "admin_key": ADMIN_KEY,
         "providers": [
@@ -116,19 +117,20 @@ def start_margin(stack: Stack) -> None:
             }
         ],
         "models": [{"name": MODEL, "provider": "mock", "price": {"genai_prices": "openai/gpt-4o-mini"}}],
-        "ledger": {"url": f"sqlite:///{stack.tmp}/bench.db", "spool_dir": f"{stack.tmp}/spool"},
+        "ledger": {"url": f"sqlite:///{stack.tmp}/{name}.db", "spool_dir": f"{stack.tmp}/spool-{name}"},
+        **(extra or {}),
     }
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     key = create_key(cfg)
     port = free_port()
     cmd = [str(MARGIN), "serve", "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port)]
-    svc = Service("margin", cmd, stack.tmp / "logs" / "margin.log")
+    svc = Service(name, cmd, stack.tmp / "logs" / f"{name}.log")
     stack.services.append(svc)
     svc.start()
     url = f"http://127.0.0.1:{port}{CHAT_PATH}"
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     wait_ready(svc, url, BODY, headers, timeout_s=60)
-    stack.targets["margin"] = Target("margin", url, headers, svc)
+    stack.targets[name] = Target(name, url, headers, svc)
 
 
 def start_litellm(stack: Stack) -> None:

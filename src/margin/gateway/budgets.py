@@ -123,6 +123,8 @@ class BudgetGuard:
         self._notify(p, ev)
         if p.refusal is not None:
             self._refuse(p.refusal, ev)
+        if not p.holds:
+            return None  # no budget or limit covers this call: no round trip to the state
         rid = uuid.uuid4().hex
         # A reservation outlives the longest the call can take, then lapses (a crashed replica
         # cannot hold budget forever).
