@@ -103,6 +103,9 @@ def test_department_downgrades_at_80_notifies_and_blocks_at_100(mock_upstream: M
         assert any(a["action"] == "downgrade" for x in down for a in orjson.loads(x["actions"]))
         blocked = [x for x in rows if x["status"] == 429]
         assert blocked and blocked[0]["error_type"] == "budget_exceeded"
+        metrics = httpx.get(gw.url + "/metrics").text
+        for action in ("notify", "downgrade", "block"):
+            assert f'margin_budget_actions_total{{action="{action}",budget="research-monthly"}}' in metrics, action
         # The 50% notification arrived once, at a real HTTP listener.
         assert len(webhook.received) == 1
         note = webhook.received[0]

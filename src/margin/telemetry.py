@@ -69,6 +69,12 @@ class Telemetry:
             "margin_requests", "Calls handled, refused ones included", ["endpoint", "model", "status"], registry=r
         )
         self.energy = Counter("margin_energy_joules", "Estimated energy of calls", ["model"], registry=r)
+        self.budget_actions = Counter(
+            "margin_budget_actions", "Budget and rate-limit actions (notify, downgrade, defer, block, rate_limit)",
+            ["budget", "action"], registry=r)
+        self.state_failures = Counter(
+            "margin_budget_state_failures", "Budget state backend unreachable, by configured mode", ["mode"],
+            registry=r)
         self.ledger_queue = Gauge("margin_ledger_queue_depth", "Events waiting for the ledger writer", registry=r)
         self.ledger_up = Gauge("margin_ledger_store_up", "1 if the ledger store accepts writes", registry=r)
         self.ledger_written = Gauge("margin_ledger_events_written", "Events written to the store", registry=r)

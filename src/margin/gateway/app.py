@@ -96,7 +96,7 @@ class MarginApp:
         self.prices = PriceBook(cfg.models)
         self.providers: dict[str, Provider] = {p.name: make_provider(p) for p in cfg.providers}
         self.targets = {m.name: Target(m.name, m.provider, m.upstream_id) for m in cfg.models}
-        self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state))
+        self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)
         self._refresher: asyncio.Task[None] | None = None
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
                                  self.guard)

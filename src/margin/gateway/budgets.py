@@ -23,6 +23,7 @@ from margin.gateway.errors import GatewayError
 from margin.policy import budget as policy
 from margin.pricing import PriceBook
 from margin.state import MemoryState, State, StateUnavailable
+from margin.telemetry import Telemetry
 
 log = logging.getLogger("margin.budgets")
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -69,7 +70,8 @@ class Admission:
 
 
 class BudgetGuard:
-    def __init__(self, cfg: Config, prices: PriceBook, state: State):
+    def __init__(self, cfg: Config, prices: PriceBook, state: State, telemetry: Telemetry | None = None):
+        self.telemetry = telemetry or Telemetry()
         self.cfg = cfg
         self.prices = prices
         self.state = state
@@ -145,6 +147,8 @@ class BudgetGuard:
         if p.downgraded_from:
             ev.actions.append({"action": "downgrade", "from": p.downgraded_from, "to": p.model,
                                "budgets": [a.budget.id for a in p.applied]})
+            for a in p.applied:
+                self.telemetry.budget_actions.labels(a.budget.id, "downgrade").inc()
         return Admission(rid, p, state)
 
     async def _reserve(self, rid: str, holds: list[Hold], now: float, ttl: float) -> tuple[State, Any]:
@@ -152,6 +156,7 @@ class BudgetGuard:
             return self.state, await self.state.reserve(rid, holds, now, ttl)
         except StateUnavailable as e:
             self.state_failures += 1
+            self.telemetry.state_failures.labels(self.cfg.state_failure).inc()
             if self.cfg.state_failure == "closed":
                 log.error("budget state unavailable, refusing (state_failure: closed): %s", e)
                 raise StateDown("Budget state is unavailable; refusing rather than risk overspending "
@@ -172,7 +177,9 @@ class BudgetGuard:
         return policy.exceeded(a, states.get(key, CounterState()), now)
 
     def _refuse(self, r: policy.Refusal, ev: Event) -> None:
-        ev.actions.append({"action": "block" if r.code == "budget_exceeded" else r.code, "budget": r.budget_id})
+        action = {"budget_exceeded": "block", "budget_deferred": "defer"}.get(r.code, "rate_limit")
+        ev.actions.append({"action": action, "budget": r.budget_id})
+        self.telemetry.budget_actions.labels(r.budget_id or "rate_limit", action).inc()
         err = BudgetRefused(r.message, code=r.code, headers={"Retry-After": str(max(1, round(r.retry_after_s)))})
         if r.code == "rate_limit_exceeded":
             err.type = "rate_limit_error"
@@ -215,6 +222,7 @@ class BudgetGuard:
                    "period_end": a.end.isoformat(), "at": datetime.now(UTC).isoformat()}
         self.fired.append(payload)
         del self.fired[:-200]
+        self.telemetry.budget_actions.labels(b.id, "notify").inc()
         log.warning("budget %s reached %.1f%% (threshold %s%%)", b.id, frac * 100, th.pct)
         if b.webhook:
             await self._post(b.webhook, payload)
