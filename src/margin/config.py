@@ -214,6 +214,10 @@ class Config(_Strict):
         for m in self.models:
             if m.provider not in names:
                 raise ValueError(f"model {m.name!r} names unknown provider {m.provider!r}; known: {names}")
+        for kind, ids in (("budget", [b.id for b in self.budgets]), ("rate limit", [r.id for r in self.rate_limits])):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            if dup:
+                raise ValueError(f"{kind} ids must be unique; repeated: {dup}")
         if not (self.state == "memory" or self.state.startswith(("redis://", "rediss://", "unix://"))):
             raise ValueError(f"state must be 'memory' or a redis:// URL, not {self.state!r}")
         return self

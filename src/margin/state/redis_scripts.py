@@ -91,7 +91,7 @@ local function refill(h)
   local lvl, lat = level(c)
   if lvl < 0 then lvl, lat = h[3], NOW end
   lvl = math.min(h[3], lvl + (NOW - lat) * h[3] / h[6])
-  redis.call('HSET', c, 'lvl', fmt(lvl), 'lat', fmt(lat))
+  redis.call('HSET', c, 'lvl', fmt(lvl), 'lat', fmt(NOW))
   return lvl
 end
 
