@@ -14,7 +14,7 @@ $(BIN)/python:
 
 install-base: $(VENV)/.base
 $(VENV)/.base: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,otel,redis]'
+	$(BIN)/pip install -q -e '.[dev,otel]'
 	@touch $@
 
 install-local: $(VENV)/.local

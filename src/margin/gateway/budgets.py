@@ -26,6 +26,7 @@ from margin.state import MemoryState, State, StateUnavailable
 from margin.telemetry import Telemetry
 
 log = logging.getLogger("margin.budgets")
+SETTLE_BATCH_S = 0.002
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -86,6 +87,8 @@ class BudgetGuard:
         self.models = {m.name: m for m in cfg.models}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settles: list[tuple[str, dict[str, int], float]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.state_failures = 0
 
     @property
@@ -195,11 +198,25 @@ class BudgetGuard:
         if over:  # cannot happen if the upstream honours max_tokens; say so loudly if it does
             log.error("call %s cost more than its reservation on %s", ev.event_id, over)
             ev.actions.append({"action": "overrun", "keys": over})
-        try:
+        if isinstance(adm.state, MemoryState):
             self.snapshot.update(await adm.state.settle(adm.rid, actual, time.time()))
-        except StateUnavailable as e:
-            # The reservation lapses after its ttl; the ledger keeps the truth for reconciliation.
-            log.error("could not settle %s (state unavailable): %s", adm.rid, e)
+            return
+        # Shared state: settlements go out in batches, one round trip for many calls. Until a
+        # batch lands the reservation stays held, which can only make budgets stricter.
+        self._settles.append((adm.rid, actual, time.time()))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_settles())
+
+    async def _flush_settles(self) -> None:
+        await asyncio.sleep(SETTLE_BATCH_S)
+        while self._settles:
+            batch, self._settles = self._settles[:500], self._settles[500:]
+            try:
+                for states in await self.state.settle_many(batch):
+                    self.snapshot.update(states)
+            except StateUnavailable as e:
+                # The reservations lapse after their ttl; the ledger keeps the truth.
+                log.error("could not settle %d reservations (state unavailable): %s", len(batch), e)
 
     # -- notifications --------------------------------------------------------------------------
     def _notify(self, p: policy.BudgetPlan, ev: Event) -> None:
@@ -239,6 +256,10 @@ class BudgetGuard:
             log.warning("budget webhook %s failed: %s", url, e)
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
+        if self._settles:
+            await self._flush_settles()
         for t in list(self._tasks):
             await asyncio.wait_for(t, 6)
         if self._session is not None:

@@ -20,6 +20,9 @@ class State(Protocol):
         """Turn a reservation into spend: `actual` units per budget key (missing keys: 0); bucket
         tokens beyond the actual are returned. Unknown or lapsed ids settle as spend only."""
 
+    async def settle_many(self, items: list[tuple[str, dict[str, int], float]]) -> list[dict[str, CounterState]]:
+        """`settle` for several (rid, actual, now) at once, in order."""
+
     async def snapshot(self, holds: list[Hold], now: float) -> dict[str, CounterState]: ...
 
     async def add_spent(self, hold: Hold, units: int, now: float) -> None:

@@ -101,6 +101,9 @@ class MemoryState:
             out[h.key] = c.state(h.window_s)
         return out
 
+    async def settle_many(self, items: list[tuple[str, dict[str, int], float]]) -> list[dict[str, CounterState]]:
+        return [await self.settle(rid, actual, now) for rid, actual, now in items]
+
     async def snapshot(self, holds: list[Hold], now: float) -> dict[str, CounterState]:
         out = {}
         for h in holds:
