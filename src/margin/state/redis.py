@@ -10,11 +10,11 @@ reservation), so this targets a single Redis primary (with replicas or Sentinel)
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
 
+import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -47,7 +47,7 @@ def _encode(holds: list[Hold]) -> str:
             # MemoryState raises ZeroDivisionError; Lua would store inf/nan, so refuse before any write
             raise ValueError(f"bucket hold {h.key!r} needs window_s > 0")
     rows = [[h.key, h.kind, int(h.limit), int(h.amount), float(h.expires_at), float(h.window_s)] for h in holds]
-    return json.dumps(rows, separators=(",", ":"))
+    return orjson.dumps(rows).decode()
 
 
 def _states(flat: list[Any], start: int) -> dict[str, CounterState]:
@@ -109,7 +109,7 @@ class RedisState:
         return await self._settle_call(rid, actual, now, "")
 
     async def _settle_call(self, rid: str, actual: dict[str, int], now: float, inline: str) -> dict[str, CounterState]:
-        used = json.dumps({k: int(v) for k, v in actual.items()}, separators=(",", ":"))
+        used = orjson.dumps({k: int(v) for k, v in actual.items()}).decode()
         flat = await self._run("settle", self._settle, [_f(now), rid, used, inline])
         return _states(flat, 0)
 
@@ -119,7 +119,7 @@ class RedisState:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for rid, actual, now in items:
-                    used = json.dumps({k: int(v) for k, v in actual.items()}, separators=(",", ":"))
+                    used = orjson.dumps({k: int(v) for k, v in actual.items()}).decode()
                     await self._settle(keys=[], args=[self._prefix, _f(now), rid, used, ""], client=pipe)
                 results = await pipe.execute()
         except _UNAVAILABLE as e:
