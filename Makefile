@@ -44,6 +44,7 @@ test: install services lint typecheck
 bench: install-base services
 	bash bench/setup_litellm.sh
 	$(BIN)/python bench/overhead.py --out BENCHMARKS.md
+	$(BIN)/python bench/budget_overhead.py --out BENCHMARKS.md
 
 soak: install-base services
 	$(BIN)/python bench/overhead.py --rps 500 --duration 600 --rounds 1 --targets direct,margin
