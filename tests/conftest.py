@@ -233,6 +233,9 @@ def gateway_config(tmp: Path, mock_url: str, ledger_url: str, **extra: Any) -> d
             "retry_interval_s": 0.5,
         },
         "limits": {"max_body_bytes": 65536},
+        # Tests of failures must not trip each other's circuit; test_routing tests the breaker itself.
+        "circuit_breaker": {"failures": 1000},
+        "retry": {"attempts": 2, "backoff_ms": 10},
     }
     cfg.update(extra)
     return cfg

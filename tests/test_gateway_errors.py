@@ -119,9 +119,16 @@ def test_upstream_failures(gateway: Gateway, headers: dict[str, str], model: str
     assert r.status_code == status, r.text
     err = error_of(r)
     assert err["code"] == code or (status == 400 and err["type"] == "invalid_request_error")
-    [ev] = gateway.events(k["key_id"], expect=1)
-    assert ev["status"] == status and ev["error_type"] == err["code"] and ev["provider"] == "mock" + (
-        "-impatient" if model == "impatient" else "")
+    # Transient failures are retried once (retry.attempts = 2): two events, the second linked to the first.
+    n = 1 if status == 400 else 2
+    evs = sorted(gateway.events(k["key_id"], expect=n), key=lambda e: e["ts_start"])
+    assert len(evs) == n
+    for ev in evs:
+        assert ev["status"] == status and ev["error_type"] == err["code"] and ev["provider"] == "mock" + (
+            "-impatient" if model == "impatient" else "")
+    if n == 2:
+        assert evs[1]["parent_event_id"] == evs[0]["event_id"] and evs[0]["parent_event_id"] is None
+        assert evs[1]["request_id"] == evs[0]["request_id"]
 
 
 def test_connection_refused_upstream_is_502(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -150,7 +157,7 @@ def test_stream_reset_midway_reports_error_and_meters_delivered_tokens(gateway: 
                                             extra_headers={"X-Mock-Reset": "1"}):
             if ch.choices and ch.choices[0].delta.content:
                 got.append(ch.choices[0].delta.content)
-    [ev] = gateway.events(k["key_id"], expect=1)
+    [ev] = gateway.events(k["key_id"], expect=1)  # a stream that already started is never retried
     assert ev["status"] == 502 and ev["error_type"] == "upstream_connection_error"
     assert ev["output_tokens"] == len(got) == 5  # the mock drops after half of 10 tokens
     assert ev["usage_source"] == "estimated" and float(ev["cost_usd"]) > 0

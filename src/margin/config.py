@@ -64,6 +64,18 @@ class Throughput(_Strict):
     input_tokens_per_s: float | None = Field(default=None, gt=0)
 
 
+Capability = Literal["tools", "json", "vision"]
+Tier = Literal["premium", "standard", "batch"]
+
+
+def _default_capabilities() -> list[Capability]:
+    return ["tools", "json"]
+
+
+def _all_tiers() -> list[Tier]:
+    return ["premium", "standard", "batch"]
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     provider: str
@@ -73,6 +85,10 @@ class ModelConfig(_Strict):
     price: Price | None = None
     throughput: Throughput | None = None
     power_watts: float | None = Field(default=None, gt=0)
+    capabilities: list[Capability] = Field(default_factory=_default_capabilities)
+    tiers: list[Tier] = Field(default_factory=_all_tiers)
+    quality: float = Field(default=0.5, ge=0, le=1, description="prior: how strong the model is, 0..1")
+    fallbacks: list[str] = Field(default_factory=list, description="models to try, in order, if this one fails")
 
     @property
     def upstream_id(self) -> str:
@@ -187,6 +203,44 @@ class RateLimitConfig(_Strict):
     tpm: int = Field(default=0, ge=0)
 
 
+class RuleConfig(_Strict):
+    """First matching rule wins. Every condition given must hold."""
+
+    model: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    key: str | None = None
+    team: str | None = None
+    tier: Tier | None = None
+    tools: bool | None = None
+    prompt_tokens_gt: int | None = None
+    prompt_tokens_lte: int | None = None
+
+
+class GroupConfig(_Strict):
+    """A public model name routed among candidates."""
+
+    name: str = Field(min_length=1)
+    candidates: list[str] = Field(min_length=1)
+    strategy: Literal["cheapest", "rules", "weighted", "learned", "cascade"] = "cheapest"
+    rules: list[RuleConfig] = Field(default_factory=list)
+    weights: dict[str, float] = Field(default_factory=dict)
+    router: str | None = None  # learned: artefact path
+    target: Literal["threshold", "lambda"] = "threshold"
+    verify_regex: str | None = None  # cascade: escalate unless the answer matches
+    verify_json: bool = False  # cascade: escalate unless the answer is valid JSON
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(default=2, ge=1, le=10, description="tries per model, first included")
+    backoff_ms: int = Field(default=100, ge=0)
+    max_backoff_ms: int = Field(default=2000, ge=0)
+
+
+class BreakerConfig(_Strict):
+    failures: int = Field(default=5, ge=1, description="consecutive failures that open the circuit")
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
 class Config(_Strict):
     admin_key: str | None = None
     providers: list[ProviderConfig]
@@ -202,6 +256,10 @@ class Config(_Strict):
     budgets: list[BudgetConfig] = Field(default_factory=list)
     rate_limits: list[RateLimitConfig] = Field(default_factory=list)
     budget_refresh_s: float = Field(default=1.0, gt=0)
+    # Routing
+    groups: list[GroupConfig] = Field(default_factory=list)
+    retry: RetryConfig = RetryConfig()
+    circuit_breaker: BreakerConfig = BreakerConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -218,6 +276,20 @@ class Config(_Strict):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             if dup:
                 raise ValueError(f"{kind} ids must be unique; repeated: {dup}")
+        known = set(models)
+        for g in self.groups:
+            if g.name in known:
+                raise ValueError(f"group {g.name!r} has the name of a model")
+            missing = [c for c in g.candidates if c not in known]
+            missing += [r.model for r in g.rules if r.model not in known]
+            if missing:
+                raise ValueError(f"group {g.name!r} names unknown model(s) {missing}")
+            if g.strategy == "learned" and not g.router:
+                raise ValueError(f"group {g.name!r}: strategy learned needs `router` (an artefact path)")
+        for m in self.models:
+            bad = [f for f in m.fallbacks if f not in known]
+            if bad:
+                raise ValueError(f"model {m.name!r}: unknown fallback(s) {bad}")
         if not (self.state == "memory" or self.state.startswith(("redis://", "rediss://", "unix://"))):
             raise ValueError(f"state must be 'memory' or a redis:// URL, not {self.state!r}")
         return self

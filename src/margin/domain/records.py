@@ -100,6 +100,7 @@ class RouteDecision:
     upstream_model: str
     reason: str
     downgraded_from: str = ""
+    fallbacks: tuple[str, ...] = ()  # models to try next, in order, if this one fails
 
 
 @dataclass(slots=True)

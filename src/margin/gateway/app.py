@@ -12,15 +12,16 @@ from typing import Any
 
 import orjson
 
-from margin.config import Config
+from margin.config import Config, ModelConfig
 from margin.domain import Endpoint
 from margin.gateway import admin
 from margin.gateway.auth import KeyRing
 from margin.gateway.budgets import BudgetGuard, recover_spend
 from margin.gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from margin.gateway.health import Breakers
 from margin.gateway.pipeline import JSON_HEADERS, Headers, Pipeline
 from margin.ledger import LedgerWriter, Spool, open_store
-from margin.policy.route import Target
+from margin.policy.route import Group, Rule, Target
 from margin.pricing import PriceBook
 from margin.providers import make_provider
 from margin.providers.base import Provider
@@ -95,12 +96,24 @@ class MarginApp:
         self.keys = KeyRing(self.store, cfg.key_cache_ttl_s)
         self.prices = PriceBook(cfg.models)
         self.providers: dict[str, Provider] = {p.name: make_provider(p) for p in cfg.providers}
-        self.targets = {m.name: Target(m.name, m.provider, m.upstream_id) for m in cfg.models}
+        self.targets = {m.name: self._target(m) for m in cfg.models}
+        self.groups = {g.name: Group(g.name, tuple(g.candidates), g.strategy,
+                                     tuple(Rule(r.model, tuple(sorted(r.tags.items())), r.key, r.team, r.tier, r.tools,
+                                                r.prompt_tokens_gt, r.prompt_tokens_lte) for r in g.rules),
+                                     tuple(g.weights.items())) for g in cfg.groups}
+        self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)
         self._refresher: asyncio.Task[None] | None = None
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
-                                 self.guard)
+                                 self.guard, self.groups, cfg.retry, self.breakers)
         self.max_body = cfg.limits.max_body_bytes
+
+    def _target(self, m: ModelConfig) -> Target:
+        r = self.prices.rates(m.name)
+        return Target(m.name, m.provider, m.upstream_id, context_window=m.context_window,
+                      capabilities=frozenset(m.capabilities), tiers=frozenset(m.tiers), quality=m.quality,
+                      input_per_mtok=float(r.input.base), output_per_mtok=float(r.output.base),
+                      fallbacks=tuple(m.fallbacks))
 
     def ledger_stats(self) -> dict[str, float]:
         s = self.writer.stats
@@ -225,13 +238,15 @@ class MarginApp:
                      receive: Receive) -> tuple[int, Headers, bytes]:
         if path == "/health":
             return 200, JSON_HEADERS, orjson.dumps({"status": "ok", "ledger": self.ledger_stats(),
-                                                    "providers": sorted(self.providers)})
+                                                    "providers": sorted(self.providers),
+                                                    "circuits": self.breakers.snapshot()})
         if path == "/metrics":
             return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], self.telemetry.render()
         if path.removesuffix("/") in ("/v1/models", "/models"):
             key = await self.keys.authenticate(headers.get("authorization"))
             data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
                     for m in self.cfg.models if not key.models or m.name in key.models]
+            data += [{"id": g.name, "object": "model", "created": 0, "owned_by": "margin"} for g in self.cfg.groups]
             return 200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data})
         if path.startswith("/admin/"):
             body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""

@@ -54,6 +54,13 @@ class UpstreamFailed(GatewayError):
     """The provider failed: 502 for errors and resets, 504 for timeouts, or its own 4xx passed on."""
 
     status, type, code = 502, "upstream_error", "upstream_error"
+    retryable = False  # worth another attempt (5xx, timeout, reset, 429)
+    provider_fault = False  # counts against the provider's circuit breaker
+    retry_after_s: float | None = None
+
+    def transient(self, provider_fault: bool) -> UpstreamFailed:
+        self.retryable, self.provider_fault = True, provider_fault
+        return self
 
 
 class ServerError(GatewayError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,10 +15,12 @@ from typing import Any, Protocol
 import orjson
 import uuid_utils
 
+from margin.config import RetryConfig
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, usd
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
+from margin.gateway.health import Breakers
 from margin.gateway.request import build_call, parse_json
 from margin.gateway.stream import UPSTREAM_ERRORS, Relayed, relay
 from margin.ledger.writer import LedgerWriter
@@ -56,12 +59,17 @@ def _ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1000, 3)
 
 
-def _upstream_error(e: Exception) -> GatewayError:
+def _upstream_error(e: Exception) -> UpstreamFailed:
     if isinstance(e, UpstreamTimeout):
-        return UpstreamFailed(f"Upstream timeout: {e}", status=504, code="upstream_timeout")
+        return UpstreamFailed(f"Upstream timeout: {e}", status=504, code="upstream_timeout").transient(True)
     if isinstance(e, UpstreamConnectionError):
-        return UpstreamFailed(f"Upstream connection failed: {e}", code="upstream_connection_error")
+        return UpstreamFailed(f"Upstream connection failed: {e}", code="upstream_connection_error").transient(True)
     assert isinstance(e, UpstreamError)
+    if e.status == 429:
+        err = UpstreamFailed(f"Upstream rate limit: {e.message}", status=429, code="upstream_rate_limited")
+        err.type = "rate_limit_error"
+        err.retryable, err.retry_after_s = True, e.retry_after_s
+        return err
     if 400 <= e.status < 500 and e.status not in (401, 403, 407):
         # The provider judged the request itself (context too long, bad parameter): pass it on.
         err = UpstreamFailed(f"Upstream rejected the request: {e.message}", status=e.status,
@@ -70,7 +78,23 @@ def _upstream_error(e: Exception) -> GatewayError:
         return err
     # Anything else is the provider's failure, not the client's: a bad gateway.
     code = e.error_type if e.error_type == "invalid_upstream_response" else "upstream_error"
-    return UpstreamFailed(f"Upstream error (HTTP {e.status}): {e.message}", code=code)
+    err = UpstreamFailed(f"Upstream error (HTTP {e.status}): {e.message}", code=code).transient(True)
+    err.retry_after_s = e.retry_after_s
+    return err
+
+
+def needed_capabilities(payload: dict[str, Any]) -> frozenset[str]:
+    need = set()
+    if payload.get("tools") or payload.get("functions"):
+        need.add("tools")
+    rf = payload.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
+        need.add("json")
+    for m in payload.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            need.add("vision")
+    return frozenset(need)
 
 
 def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:
@@ -91,8 +115,13 @@ def _output_text(data: dict[str, Any]) -> str:
 
 class Pipeline:
     def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
-                 keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry, guard: BudgetGuard):
+                 keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry, guard: BudgetGuard,
+                 groups: dict[str, route.Group] | None = None, retry: RetryConfig | None = None,
+                 breakers: Breakers | None = None):
         self.guard = guard
+        self.groups = groups or {}
+        self.retry = retry or RetryConfig()
+        self.breakers = breakers or Breakers()
         self.targets = targets
         self.providers = providers
         self.prices = prices
@@ -124,12 +153,12 @@ class Pipeline:
         await out.respond(error.status, JSON_HEADERS, error.body())
 
     async def handle(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, out: Out) -> None:
-        """Exactly one ledger event per call, whatever happens (errors, cancellation, bugs)."""
+        """One ledger event per attempt, whatever happens (errors, cancellation, bugs); retries and
+        fallbacks are events of their own, linked to the first by parent_event_id."""
         t0 = time.perf_counter()
         ev = self._new_event(endpoint, headers)
-        admission: Admission | None = None
-        upstream_s: float | None = None
         failure: GatewayError | None = None
+        handed_off = False  # once attempts start, each records its own event
         try:
             key = await self.keys.authenticate(headers.get("authorization"))
             ev.attribution = key.attribution()
@@ -140,39 +169,125 @@ class Pipeline:
             ev.run_id, ev.workflow, ev.agent, ev.step, ev.tool = (
                 call.run_id, call.workflow, call.agent, call.step, call.tool)
             ev.tier = call.tier
-            decision = route.decide(call, self.targets, key.models)
-            if isinstance(decision, route.Refusal):
-                raise _REFUSALS.get(decision.status, BadRequest)(decision.message, param=decision.param,
-                                                                 code=decision.code, status=decision.status)
-            admission = await self.guard.admit(call, decision, len(body), len(payload.get("messages") or ()), ev)
-            upstream_payload = dict(payload)
-            if admission is not None:
-                decision = self._apply_budget(admission, decision, upstream_payload)
-            ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
-            upstream_payload["model"] = decision.upstream_model
-            if call.stream:
-                upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
-            else:
-                upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out)
+            decision = self._route(call, payload, key.models)
+            handed_off = True
+            await self._attempts(call, decision, payload, headers, body, ev, t0, out)
         except GatewayError as e:
             if isinstance(e, RevokedKey):
                 ev.attribution = e.key.attribution()
-            ev.status, ev.error_type = e.status, e.code or e.type
+            if not handed_off:
+                ev.status, ev.error_type = e.status, e.code or e.type
             failure = e
-        except asyncio.CancelledError:  # server shutdown or client gone: still one event
-            if ev.status == 200:
+        except asyncio.CancelledError:  # server shutdown or client gone: still recorded
+            if not handed_off and ev.status == 200:
                 ev.status, ev.error_type = 499, "cancelled"
             raise
         except Exception as e:  # a bug must still answer in OpenAI form and be metered
             log.exception("internal error handling %s", ev.request_id)
             failure = ServerError(f"Internal error in margin: {type(e).__name__}: {e}")
-            ev.status, ev.error_type = failure.status, "internal_error"
+            if not handed_off:
+                ev.status, ev.error_type = failure.status, "internal_error"
+        finally:
+            if not handed_off:
+                self._record(ev, t0)
+        if failure is not None and not out.started and not out.disconnected:
+            await out.respond(failure.status, [*JSON_HEADERS, *_h(failure.headers)], failure.body())
+
+    def _route(self, call: Call, payload: dict[str, Any], allowed: tuple[str, ...]) -> RouteDecision:
+        need = None
+        if call.requested_model in self.groups:
+            need = route.Need(prompt_tokens=estimate_input(call.endpoint, payload),
+                              max_output=call.max_tokens or 0, capabilities=needed_capabilities(payload),
+                              tier=call.tier)
+        decision = route.decide(call, self.targets, allowed, self.groups, need,
+                                route.Health(self.breakers.open_providers()), random.random())
+        if isinstance(decision, route.Refusal):
+            raise _REFUSALS.get(decision.status, BadRequest)(decision.message, param=decision.param,
+                                                             code=decision.code, status=decision.status)
+        return decision
+
+    async def _attempts(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
+                        headers: dict[str, str], body: bytes, first: Event, t0: float, out: Out) -> None:
+        """The chosen model, retried on transient failures, then its fallbacks in order."""
+        chain = [decision] + [self._fallback(m, decision) for m in decision.fallbacks]
+        ev: Event | None = first
+        last: UpstreamFailed | None = None
+        for d in chain:
+            for attempt in range(self.retry.attempts):
+                if ev is None:
+                    ev, t0 = self._follow_up(first), time.perf_counter()
+                try:
+                    await self._attempt(call, d, payload, headers, body, ev, t0, out)
+                    return
+                except UpstreamFailed as e:
+                    if out.started or not e.retryable:
+                        raise
+                    last, ev = e, None
+                    wait = self._backoff(attempt, e.retry_after_s)
+                    if wait is None or d.provider in self.breakers.open_providers():
+                        break  # the upstream asks for longer than we wait, or its circuit opened
+                    if attempt + 1 < self.retry.attempts:
+                        await asyncio.sleep(wait)
+        assert last is not None
+        raise last
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float | None:
+        r = self.retry
+        wait: float = min(r.max_backoff_ms, r.backoff_ms * 2**attempt) / 1000
+        if retry_after_s is not None:
+            if retry_after_s * 1000 > r.max_backoff_ms:
+                return None
+            wait = max(wait, retry_after_s)  # honour the upstream's Retry-After
+        return wait
+
+    def _fallback(self, model: str, primary: RouteDecision) -> RouteDecision:
+        t = self.targets[model]
+        return RouteDecision(model=t.model, provider=t.provider, upstream_model=t.upstream_model,
+                             reason=f"fallback from {primary.model}")
+
+    def _follow_up(self, first: Event) -> Event:
+        ev = self._new_event(first.endpoint, {"x-request-id": first.request_id})  # type: ignore[arg-type]
+        ev.parent_event_id = first.event_id
+        ev.attribution, ev.requested_model, ev.stream, ev.tier = (
+            first.attribution, first.requested_model, first.stream, first.tier)
+        ev.run_id, ev.workflow, ev.agent, ev.step, ev.tool = (
+            first.run_id, first.workflow, first.agent, first.step, first.tool)
+        return ev
+
+    async def _attempt(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
+                       headers: dict[str, str], body: bytes, ev: Event, t0: float, out: Out) -> None:
+        admission: Admission | None = None
+        upstream_s: float | None = None
+        ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
+        try:
+            admission = await self.guard.admit(call, decision, len(body), len(payload.get("messages") or ()), ev)
+            upstream_payload = dict(payload)
+            if admission is not None:
+                decision = self._apply_budget(admission, decision, upstream_payload)
+                ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
+            upstream_payload["model"] = decision.upstream_model
+            self.breakers.before_call(decision.provider)
+            if call.stream:
+                upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
+            else:
+                upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out)
+            self.breakers.success(decision.provider)
+        except GatewayError as e:
+            ev.status, ev.error_type = e.status, e.code or e.type
+            if isinstance(e, UpstreamFailed) and e.provider_fault:
+                self.breakers.failure(decision.provider)
+            raise
+        except asyncio.CancelledError:
+            if ev.status == 200:
+                ev.status, ev.error_type = 499, "cancelled"
+            raise
+        except Exception:
+            ev.status, ev.error_type = 500, "internal_error"
+            raise
         finally:
             self._record(ev, t0, upstream_s)
             if admission is not None:
                 await self.guard.settle(admission, ev)
-        if failure is not None and not out.started and not out.disconnected:
-            await out.respond(failure.status, [*JSON_HEADERS, *_h(failure.headers)], failure.body())
 
     def _apply_budget(self, adm: Admission, decision: RouteDecision, upstream_payload: dict[str, Any]) -> RouteDecision:
         """A downgrade serves the lighter model; a cap bounds the output so the cost fits."""

@@ -30,12 +30,14 @@ class Chunk:
 class UpstreamError(Exception):
     """The upstream answered, but with an error status (4xx/5xx) or a body we cannot use."""
 
-    def __init__(self, status: int, message: str, error_type: str = "upstream_error", body: bytes = b""):
+    def __init__(self, status: int, message: str, error_type: str = "upstream_error", body: bytes = b"",
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.body = body
+        self.retry_after_s = retry_after_s  # the upstream's Retry-After, when it sent one
 
 
 class UpstreamTimeout(Exception):

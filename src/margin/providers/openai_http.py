@@ -34,6 +34,13 @@ def error_message(status: int, body: bytes) -> tuple[str, str]:
     return f"upstream returned HTTP {status}" + (f": {snippet}" if snippet else ""), ""
 
 
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: treat as no hint
+
+
 class OpenAIHTTPProvider:
     kind = "openai"
 
@@ -98,13 +105,14 @@ class OpenAIHTTPProvider:
             ) as resp:
                 body = await resp.read()
                 status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
             raise UpstreamTimeout(f"{self.name}: no answer within {self.cfg.timeout_s:g} s") from None
         except aiohttp.ClientError as e:
             raise UpstreamConnectionError(f"{self.name}: {type(e).__name__}: {e}") from None
         if status >= 400:
             msg, etype = error_message(status, body)
-            raise UpstreamError(status, msg, etype or "upstream_error", body)
+            raise UpstreamError(status, msg, etype or "upstream_error", body, retry_after)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -128,7 +136,8 @@ class OpenAIHTTPProvider:
                 if resp.status >= 400:
                     body = await resp.read()
                     msg, etype = error_message(resp.status, body)
-                    raise UpstreamError(resp.status, msg, etype or "upstream_error", body)
+                    raise UpstreamError(resp.status, msg, etype or "upstream_error", body,
+                                        _retry_after(resp.headers.get("Retry-After")))
                 done = False
                 data_lines: list[bytes] = []
                 async for line in resp.content:

@@ -1,0 +1,119 @@
+"""A trained router on disk: a directory holding ``manifest.json`` and ``router.joblib``.
+
+The manifest (``format_version``, ``created_at``, ``models``, ``costs`` (mean USD per query the
+router was trained with), ``features``, ``operating_point`` ({"rule": "lambda", "value": x, ...}),
+``training`` (data summary) and library versions) is read first; a ``format_version`` other than
+``FORMAT_VERSION`` is refused before the pickle is touched. Only load artefacts you built: the
+fitted model is a joblib pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import sklearn
+
+from margin.policy.learned import choose_op, reason
+from margin.router.train import TfidfLR
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "router.joblib"
+
+
+class ArtefactError(Exception):
+    """Missing, malformed or incompatible router artefact."""
+
+
+@dataclass
+class LoadedRouter:
+    """What the gateway uses: ``predict(prompt)`` -> P(success) per model, ``choose(prompt)``."""
+
+    manifest: dict[str, Any]
+    model: TfidfLR
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.model.models)
+
+    @property
+    def operating_point(self) -> dict[str, Any]:
+        return dict(self.manifest["operating_point"])
+
+    @property
+    def costs(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.manifest["costs"].items()}
+
+    def predict(self, prompt: str) -> dict[str, float]:
+        return self.model.predict(prompt)
+
+    def choose(self, prompt: str, costs: Mapping[str, float] | None = None) -> tuple[str, str]:
+        """(model, reason) at the artefact's operating point; ``costs`` overrides the trained ones."""
+        probs = self.predict(prompt)
+        c = dict(costs) if costs is not None else self.costs
+        op = self.operating_point
+        chosen = choose_op(probs, c, op)
+        lam = float(op["value"]) if op.get("rule") == "lambda" else None
+        thr = float(op["value"]) if op.get("rule") == "threshold" else None
+        return chosen, reason(probs, c, chosen, lam=lam, threshold=thr)
+
+
+def save_router(model: TfidfLR, out: Path, *, costs: Mapping[str, float], operating_point: Mapping[str, Any],
+                training: Mapping[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "models": list(model.models),
+        "costs": {k: float(v) for k, v in costs.items()},
+        "features": model.features(),
+        "operating_point": dict(operating_point),
+        "training": dict(training),
+        "versions": {"sklearn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__},
+        "model_file": MODEL_FILE,
+    }
+    joblib.dump(model, out / MODEL_FILE, compress=3)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return out
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    f = path / MANIFEST if path.is_dir() else path
+    try:
+        manifest = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise ArtefactError(f"no router artefact at {path} (missing {MANIFEST})") from None
+    except json.JSONDecodeError as e:
+        raise ArtefactError(f"{f}: bad JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ArtefactError(f"{f}: manifest is not an object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtefactError(f"{f}: router format_version {version!r} is not supported (expected {FORMAT_VERSION});"
+                            " retrain with `margin router train`")
+    for key in ("models", "costs", "operating_point"):
+        if key not in manifest:
+            raise ArtefactError(f"{f}: manifest lacks {key!r}")
+    return manifest
+
+
+def load_router(path: str | Path) -> LoadedRouter:
+    p = Path(path)
+    manifest = read_manifest(p)
+    d = p if p.is_dir() else p.parent
+    model = joblib.load(d / manifest.get("model_file", MODEL_FILE))
+    if not isinstance(model, TfidfLR):
+        raise ArtefactError(f"{d}: {MODEL_FILE} holds a {type(model).__name__}, not a router")
+    if list(model.models) != list(manifest["models"]):
+        raise ArtefactError(f"{d}: manifest models {manifest['models']} != fitted models {model.models}")
+    saved = manifest.get("versions", {}).get("sklearn")
+    if saved and saved != sklearn.__version__:
+        manifest.setdefault("warnings", []).append(f"trained with scikit-learn {saved}, running {sklearn.__version__}")
+    return LoadedRouter(manifest, model)
