@@ -1,0 +1,131 @@
+"""Routing through the running gateway: groups by rules and by cheapest-that-fits, tiers, fallback
+when an upstream fails, and a circuit breaker that opens and closes. Checked in headers and ledger."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from margin.domain import Attribution, Call
+from margin.policy import route
+from tests.conftest import Gateway, Mock, free_port, gateway_config, start_gateway, start_mock, stop
+
+CHEAP = {"per_million": {"input": "0.1", "output": "0.4"}}
+MID = {"per_million": {"input": "1", "output": "4"}}
+DEAR = {"per_million": {"input": "10", "output": "30"}}
+
+
+@pytest.fixture
+def routed(mock_upstream: Mock, tmp_path: Path) -> Iterator[tuple[Gateway, int]]:
+    dead_port = free_port()  # nothing listens here until the breaker test starts a mock on it
+    cfg = gateway_config(tmp_path, mock_upstream.url, f"sqlite:///{tmp_path}/l.db")
+    cfg["providers"].append({"name": "flaky", "kind": "openai", "base_url": f"http://127.0.0.1:{dead_port}/v1",
+                             "timeout_s": 2, "connect_timeout_s": 0.5})
+    cfg["models"] += [
+        {"name": "small", "provider": "mock", "price": CHEAP, "context_window": 64, "quality": 0.3,
+         "capabilities": []},
+        {"name": "medium", "provider": "mock", "price": MID, "context_window": 8000, "quality": 0.6,
+         "capabilities": ["json"]},
+        {"name": "large", "provider": "mock", "price": DEAR, "context_window": 128000, "quality": 0.9},
+        {"name": "unreliable", "provider": "flaky", "price": CHEAP, "fallbacks": ["large"]},
+    ]
+    cfg["groups"] = [
+        {"name": "auto", "candidates": ["small", "medium", "large"], "strategy": "cheapest"},
+        {"name": "support-bot", "candidates": ["small", "medium", "large"], "strategy": "rules",
+         "rules": [{"tags": {"workflow": "legal"}, "model": "large"}, {"tools": True, "model": "large"},
+                   {"prompt_tokens_gt": 30, "model": "medium"}]},
+    ]
+    cfg["circuit_breaker"] = {"failures": 2, "cooldown_s": 1.0}
+    cfg["retry"] = {"attempts": 2, "backoff_ms": 10}
+    gw = start_gateway(tmp_path, cfg)
+    yield gw, dead_port
+    assert gw.proc is not None
+    stop(gw.proc)
+
+
+def chat(gw: Gateway, key: str, model: str, text: str = "hello there", **extra: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", **extra.pop("headers", {})}
+    return httpx.post(gw.base_url + "/chat/completions", headers=headers, timeout=30,
+                      json={"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": text}], **extra})
+
+
+def served(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return r.headers["x-margin-route"].split()[0]
+
+
+def test_cheapest_that_fits(routed: tuple[Gateway, int]) -> None:
+    gw, _ = routed
+    k = gw.create_key(team="r")["key"]
+    assert served(chat(gw, k, "auto")) == "small"
+    assert served(chat(gw, k, "auto", text="long " * 200)) == "medium"  # small's 64-token context is too short
+    r = chat(gw, k, "auto", tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert served(r) == "large"  # medium lacks tool use
+    assert "group auto: cheapest of" in r.headers["x-margin-route"]
+    assert served(chat(gw, k, "auto", headers={"X-Margin-Tier": "premium"})) == "large"  # strongest pool
+    assert served(chat(gw, k, "auto", headers={"X-Margin-Tier": "batch"})) == "small"
+    models = {m["id"] for m in httpx.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {k}"}).json()[
+        "data"]}
+    assert {"auto", "support-bot"} <= models
+
+
+def test_rules_by_tags_tools_and_prompt_length(routed: tuple[Gateway, int]) -> None:
+    gw, _ = routed
+    key = gw.create_key(team="r")
+    k = key["key"]
+    r = chat(gw, k, "support-bot", headers={"X-Margin-Tags": "workflow=legal"})
+    assert served(r) == "large" and "rule 1 (workflow=legal)" in r.headers["x-margin-route"]
+    assert served(chat(gw, k, "support-bot", text="word " * 40)) == "medium"
+    r = chat(gw, k, "support-bot")
+    assert served(r) == "small" and "no rule: cheapest" in r.headers["x-margin-route"]
+    rows = gw.events(key["key_id"], expect=3)
+    assert sorted(x["model"] for x in rows) == ["large", "medium", "small"]
+    assert all(x["requested_model"] == "support-bot" for x in rows)
+    assert any("rule 1" in x["route_reason"] for x in rows)
+
+
+def test_fallback_and_circuit_breaker(routed: tuple[Gateway, int], tmp_path: Path) -> None:
+    gw, dead_port = routed
+    key = gw.create_key(team="r")
+    k = key["key"]
+    # 1) The provider is down: two attempts fail, then the fallback serves it.
+    r = chat(gw, k, "unreliable")
+    assert served(r) == "large" and "fallback from unreliable" in r.headers["x-margin-route"]
+    rows = sorted(gw.events(key["key_id"], expect=3), key=lambda x: x["ts_start"])
+    assert [x["model"] for x in rows] == ["unreliable", "unreliable", "large"]
+    assert [x["status"] for x in rows] == [502, 502, 200]
+    assert rows[1]["parent_event_id"] == rows[2]["parent_event_id"] == rows[0]["event_id"]
+    # 2) Two consecutive failures opened the circuit: the next call goes straight to the fallback.
+    assert httpx.get(gw.url + "/health").json()["circuits"] == {"flaky": "open"}
+    r = chat(gw, k, "unreliable")
+    assert served(r) == "large" and "circuit open on flaky" in r.headers["x-margin-route"]
+    assert len(gw.events(key["key_id"], expect=4)) == 4  # no attempt was wasted on the open circuit
+    # 3) The provider recovers; after the cool-down a trial call closes the circuit.
+    mock = start_mock(dead_port)
+    try:
+        time.sleep(1.1)
+        assert httpx.get(gw.url + "/health").json()["circuits"] == {"flaky": "half-open"}
+        assert served(chat(gw, k, "unreliable")) == "unreliable"
+        assert httpx.get(gw.url + "/health").json()["circuits"] == {}
+    finally:
+        stop(mock.proc)
+
+
+def test_decide_is_pure_and_explains_refusals() -> None:
+    targets = {"a": route.Target("a", "p", "a", context_window=10, input_per_mtok=1),
+               "b": route.Target("b", "q", "b", context_window=10, input_per_mtok=2)}
+    groups = {"g": route.Group("g", ("a", "b"))}
+    call = Call("chat", "g", False, Attribution())
+    d = route.decide(call, targets, (), groups, route.Need(prompt_tokens=50))
+    assert isinstance(d, route.Refusal) and d.code == "no_model_fits" and "a: context 10 < 50" in d.message
+    d = route.decide(call, targets, (), groups, route.Need(prompt_tokens=5), route.Health(frozenset({"p"})))
+    assert not isinstance(d, route.Refusal) and d.model == "b" and d.fallbacks == ()
+    w = route.Group("w", ("a", "b"), "weighted", weights=(("a", 3.0), ("b", 1.0)))
+    picks = [route.decide(Call("chat", "w", False, Attribution()), targets, (), {"w": w}, route.Need(), None, x)
+             for x in (0.1, 0.5, 0.74, 0.76, 0.99)]
+    assert [p.model for p in picks if not isinstance(p, route.Refusal)] == ["a", "a", "a", "b", "b"]
