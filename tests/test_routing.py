@@ -39,6 +39,8 @@ def routed(mock_upstream: Mock, tmp_path: Path) -> Iterator[tuple[Gateway, int]]
         {"name": "support-bot", "candidates": ["small", "medium", "large"], "strategy": "rules",
          "rules": [{"tags": {"workflow": "legal"}, "model": "large"}, {"tools": True, "model": "large"},
                    {"prompt_tokens_gt": 30, "model": "medium"}]},
+        {"name": "json-cascade", "candidates": ["small", "large"], "strategy": "cascade", "verify_json": True},
+        {"name": "word-cascade", "candidates": ["small", "large"], "strategy": "cascade", "verify_regex": "[a-z]+"},
     ]
     cfg["circuit_breaker"] = {"failures": 2, "cooldown_s": 1.0}
     cfg["retry"] = {"attempts": 2, "backoff_ms": 10}
@@ -129,3 +131,21 @@ def test_decide_is_pure_and_explains_refusals() -> None:
     picks = [route.decide(Call("chat", "w", False, Attribution()), targets, (), {"w": w}, route.Need(), None, x)
              for x in (0.1, 0.5, 0.74, 0.76, 0.99)]
     assert [p.model for p in picks if not isinstance(p, route.Refusal)] == ["a", "a", "a", "b", "b"]
+
+
+def test_cascade_escalates_when_the_verifier_rejects_and_meters_both(routed: tuple[Gateway, int]) -> None:
+    gw, _ = routed
+    key = gw.create_key(team="c")
+    # The mock answers in plain words: a JSON verifier rejects the cheap answer, the strong model answers.
+    r = chat(gw, key["key"], "json-cascade")
+    assert served(r) == "large"
+    assert "cascade step 2 (answer is not valid JSON)" in r.headers["x-margin-route"]
+    rows = sorted(gw.events(key["key_id"], expect=2), key=lambda x: x["ts_start"])
+    assert [x["model"] for x in rows] == ["small", "large"] and all(x["status"] == 200 for x in rows)
+    assert rows[1]["parent_event_id"] == rows[0]["event_id"]
+    assert '"cascade_escalate"' in rows[0]["actions"] and float(rows[0]["cost_usd"]) > 0  # the real cost of both
+    # A verifier the cheap answer passes: no escalation, one call.
+    key2 = gw.create_key(team="c2")
+    r = chat(gw, key2["key"], "word-cascade")
+    assert served(r) == "small" and "cascade step 1" in r.headers["x-margin-route"]
+    assert len(gw.events(key2["key_id"], expect=1)) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -12,22 +13,22 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import orjson
 import uuid_utils
 
 from margin.config import RetryConfig
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, usd
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
+from margin.gateway.calls import estimate_input, needed_capabilities, output_text, upstream_error
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.request import build_call, parse_json
 from margin.gateway.stream import UPSTREAM_ERRORS, Relayed, relay
 from margin.ledger.writer import LedgerWriter
-from margin.policy import route
+from margin.policy import cascade, route
 from margin.pricing import PriceBook
-from margin.pricing.tokens import count_messages, count_prompt, count_text
-from margin.providers.base import Chunk, Provider, UpstreamConnectionError, UpstreamError, UpstreamTimeout
+from margin.pricing.tokens import count_text
+from margin.providers.base import Chunk, Provider
 from margin.providers.usage import parse_usage
 from margin.telemetry import Telemetry
 
@@ -59,58 +60,8 @@ def _ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1000, 3)
 
 
-def _upstream_error(e: Exception) -> UpstreamFailed:
-    if isinstance(e, UpstreamTimeout):
-        return UpstreamFailed(f"Upstream timeout: {e}", status=504, code="upstream_timeout").transient(True)
-    if isinstance(e, UpstreamConnectionError):
-        return UpstreamFailed(f"Upstream connection failed: {e}", code="upstream_connection_error").transient(True)
-    assert isinstance(e, UpstreamError)
-    if e.status == 429:
-        err = UpstreamFailed(f"Upstream rate limit: {e.message}", status=429, code="upstream_rate_limited")
-        err.type = "rate_limit_error"
-        err.retryable, err.retry_after_s = True, e.retry_after_s
-        return err
-    if 400 <= e.status < 500 and e.status not in (401, 403, 407):
-        # The provider judged the request itself (context too long, bad parameter): pass it on.
-        err = UpstreamFailed(f"Upstream rejected the request: {e.message}", status=e.status,
-                             code=e.error_type or "upstream_rejected")
-        err.type = "invalid_request_error"
-        return err
-    # Anything else is the provider's failure, not the client's: a bad gateway.
-    code = e.error_type if e.error_type == "invalid_upstream_response" else "upstream_error"
-    err = UpstreamFailed(f"Upstream error (HTTP {e.status}): {e.message}", code=code).transient(True)
-    err.retry_after_s = e.retry_after_s
-    return err
-
-
-def needed_capabilities(payload: dict[str, Any]) -> frozenset[str]:
-    need = set()
-    if payload.get("tools") or payload.get("functions"):
-        need.add("tools")
-    rf = payload.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
-        need.add("json")
-    for m in payload.get("messages") or ():
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
-            need.add("vision")
-    return frozenset(need)
-
-
-def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:
-    if endpoint == "chat":
-        tools = payload.get("tools")  # tool definitions are prompt tokens too
-        return count_messages(payload.get("messages")) + (count_text(orjson.dumps(tools).decode()) if tools else 0)
-    return count_prompt(payload.get("prompt") if endpoint == "completion" else payload.get("input"))
-
-
-def _output_text(data: dict[str, Any]) -> str:
-    parts = []
-    for c in data.get("choices") or ():
-        if isinstance(c, dict):
-            msg = c.get("message") or c.get("delta") or {}
-            parts.append(str(c.get("text") or (msg.get("content") if isinstance(msg, dict) else "") or ""))
-    return "".join(parts)
+class _Escalate(Exception):
+    """A cascade step's answer failed verification: try the next, stronger model."""
 
 
 class Pipeline:
@@ -209,16 +160,25 @@ class Pipeline:
     async def _attempts(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                         headers: dict[str, str], body: bytes, first: Event, t0: float, out: Out) -> None:
         """The chosen model, retried on transient failures, then its fallbacks in order."""
+        group = self.groups.get(call.requested_model)
+        cascading = group is not None and group.strategy == "cascade" and not call.stream
         chain = [decision] + [self._fallback(m, decision) for m in decision.fallbacks]
         ev: Event | None = first
         last: UpstreamFailed | None = None
-        for d in chain:
+        for i, d in enumerate(chain):
+            verify = group if cascading and i < len(chain) - 1 else None  # the last step's answer stands
             for attempt in range(self.retry.attempts):
                 if ev is None:
                     ev, t0 = self._follow_up(first), time.perf_counter()
                 try:
-                    await self._attempt(call, d, payload, headers, body, ev, t0, out)
+                    await self._attempt(call, d, payload, headers, body, ev, t0, out, verify)
                     return
+                except _Escalate as e:
+                    ev = None
+                    if i + 1 < len(chain):
+                        chain[i + 1] = dataclasses.replace(
+                            chain[i + 1], reason=f"group {call.requested_model}: cascade step {i + 2} ({e})")
+                    break
                 except UpstreamFailed as e:
                     if out.started or not e.retryable:
                         raise
@@ -228,7 +188,8 @@ class Pipeline:
                         break  # the upstream asks for longer than we wait, or its circuit opened
                     if attempt + 1 < self.retry.attempts:
                         await asyncio.sleep(wait)
-        assert last is not None
+        if last is None:  # every cascade step escalated (cannot happen: the last step stands)
+            raise ServerError("cascade ended without an answer")
         raise last
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float | None:
@@ -255,7 +216,8 @@ class Pipeline:
         return ev
 
     async def _attempt(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
-                       headers: dict[str, str], body: bytes, ev: Event, t0: float, out: Out) -> None:
+                       headers: dict[str, str], body: bytes, ev: Event, t0: float, out: Out,
+                       verify: route.Group | None = None) -> None:
         admission: Admission | None = None
         upstream_s: float | None = None
         ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
@@ -270,8 +232,12 @@ class Pipeline:
             if call.stream:
                 upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
             else:
-                upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out)
+                upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out,
+                                                  verify)
             self.breakers.success(decision.provider)
+        except _Escalate:
+            self.breakers.success(decision.provider)
+            raise
         except GatewayError as e:
             ev.status, ev.error_type = e.status, e.code or e.type
             if isinstance(e, UpstreamFailed) and e.provider_fault:
@@ -313,18 +279,24 @@ class Pipeline:
         return h
 
     async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
-                        upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out) -> float:
+                        upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out,
+                        verify: route.Group | None = None) -> float:
         provider = self.providers[decision.provider]
         t_up = time.perf_counter()
         try:
             reply = await provider.send(call.endpoint, upstream_payload, headers)
         except UPSTREAM_ERRORS as e:
-            raise _upstream_error(e) from None
+            raise upstream_error(e) from None
         upstream_s = time.perf_counter() - t_up
         usage = parse_usage(reply.data) or Usage(
             input_tokens=estimate_input(call.endpoint, payload),
-            output_tokens=count_text(_output_text(reply.data)), source="estimated")
+            output_tokens=count_text(output_text(reply.data)), source="estimated")
         self._meter(ev, decision, usage)
+        if verify is not None:
+            ok, why = cascade.verify(output_text(reply.data), verify.verify_regex, verify.verify_json)
+            if not ok:  # metered and recorded, but not returned: a stronger model answers instead
+                ev.actions.append({"action": "cascade_escalate", "why": why})
+                raise _Escalate(why)
         response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
         await out.respond(200, response_headers, reply.body)
@@ -346,7 +318,7 @@ class Pipeline:
             raise UpstreamFailed("Upstream closed the stream without sending anything",
                                  code="upstream_connection_error") from None
         except UPSTREAM_ERRORS as e:
-            raise _upstream_error(e) from None
+            raise upstream_error(e) from None
         await out.start(200, [*SSE_HEADERS, *self._route_headers(ev, decision)])
 
         async def on_done(r: Relayed) -> bytes:  # just before [DONE]: tell the client the cost
@@ -357,7 +329,7 @@ class Pipeline:
         if r.client_left:
             ev.status, ev.error_type = 499, "client_disconnected"
         elif r.failure is not None:
-            err = (_upstream_error(r.failure) if isinstance(r.failure, UPSTREAM_ERRORS)
+            err = (upstream_error(r.failure) if isinstance(r.failure, UPSTREAM_ERRORS)
                    else ServerError(f"Internal error in margin: {type(r.failure).__name__}: {r.failure}"))
             ev.status, ev.error_type = err.status, err.code or "upstream_error"
             if not out.disconnected:

@@ -74,6 +74,8 @@ class Group:
     strategy: str = "cheapest"
     rules: tuple[Rule, ...] = ()
     weights: tuple[tuple[str, float], ...] = ()
+    verify_regex: str | None = None
+    verify_json: bool = False
 
 
 @dataclass(frozen=True, slots=True)
