@@ -224,8 +224,8 @@ class GroupConfig(_Strict):
     strategy: Literal["cheapest", "rules", "weighted", "learned", "cascade"] = "cheapest"
     rules: list[RuleConfig] = Field(default_factory=list)
     weights: dict[str, float] = Field(default_factory=dict)
-    router: str | None = None  # learned: artefact path
-    target: Literal["threshold", "lambda"] = "threshold"
+    router: str | None = None  # learned: artefact path (margin router train --out DIR)
+    router_models: dict[str, str] = Field(default_factory=dict, description="router's model name -> margin model")
     verify_regex: str | None = None  # cascade: escalate unless the answer matches
     verify_json: bool = False  # cascade: escalate unless the answer is valid JSON
 

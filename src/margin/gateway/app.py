@@ -104,9 +104,21 @@ class MarginApp:
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)
         self._refresher: asyncio.Task[None] | None = None
+        self.routers = self._load_routers(cfg)
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
-                                 self.guard, self.groups, cfg.retry, self.breakers)
+                                 self.guard, self.groups, cfg.retry, self.breakers, self.routers)
         self.max_body = cfg.limits.max_body_bytes
+
+    @staticmethod
+    def _load_routers(cfg: Config) -> dict[str, tuple[Any, dict[str, str]]]:
+        """Trained routers are loaded at start (a bad artefact stops start-up with its reason)."""
+        out: dict[str, tuple[Any, dict[str, str]]] = {}
+        for g in cfg.groups:
+            if g.strategy == "learned" and g.router:
+                from margin.router.artefact import load_router  # scikit-learn only when used
+
+                out[g.name] = (load_router(g.router), dict(g.router_models))
+        return out
 
     def _target(self, m: ModelConfig) -> Target:
         r = self.prices.rates(m.name)

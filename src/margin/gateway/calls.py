@@ -65,3 +65,17 @@ def output_text(data: dict[str, Any]) -> str:
             msg = c.get("message") or c.get("delta") or {}
             parts.append(str(c.get("text") or (msg.get("content") if isinstance(msg, dict) else "") or ""))
     return "".join(parts)
+
+
+def prompt_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
+    """What a learned router reads: the last user turn of a chat, or the prompt."""
+    if endpoint == "chat":
+        for m in reversed(payload.get("messages") or ()):
+            if isinstance(m, dict) and m.get("role") == "user":
+                c = m.get("content")
+                if isinstance(c, list):
+                    return " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+                return str(c or "")
+        return ""
+    p = payload.get("prompt") if endpoint == "completion" else payload.get("input")
+    return p if isinstance(p, str) else " ".join(x for x in p or () if isinstance(x, str))
