@@ -149,3 +149,36 @@ def test_cascade_escalates_when_the_verifier_rejects_and_meters_both(routed: tup
     r = chat(gw, key2["key"], "word-cascade")
     assert served(r) == "small" and "cascade step 1" in r.headers["x-margin-route"]
     assert len(gw.events(key2["key_id"], expect=1)) == 1
+
+
+def test_learned_router_group(mock_upstream: Mock, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    mmlu = Path(__file__).resolve().parents[2] / "shared/data/routing/routellm/mmlu"
+    files = [str(mmlu / "mmlu_high_school_mathematics.csv"), str(mmlu / "mmlu_high_school_us_history.csv")]
+    artefact = tmp_path / "router"
+    r = subprocess.run([sys.executable, "-m", "margin", "router", "train", "--format", "routellm",
+                        *[a for f in files for a in ("--train", f)], "--out", str(artefact),
+                        "--target-quality", "0.95"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cfg = gateway_config(tmp_path, mock_upstream.url, f"sqlite:///{tmp_path}/l.db")
+    cfg["models"] += [{"name": "weak", "provider": "mock", "price": CHEAP},
+                      {"name": "strong", "provider": "mock", "price": DEAR}]
+    cfg["groups"] = [{"name": "smart", "candidates": ["weak", "strong"], "strategy": "learned",
+                      "router": str(artefact),
+                      "router_models": {"mistralai/Mixtral-8x7B-Instruct-v0.1": "weak",
+                                        "gpt-4-1106-preview": "strong"}}]
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        key = gw.create_key(team="l")
+        prompts = ["What is 2 + 2?", "Solve for x: 3x^2 - 12x + 9 = 0 and give both roots.",
+                   "Who was the president of the United States during the Civil War?",
+                   "Explain the significance of the Marbury v. Madison decision for judicial review."]
+        seen = {served(chat(gw, key["key"], "smart", text=p)) for p in prompts}
+        assert seen <= {"weak", "strong"} and seen
+        rows = gw.events(key["key_id"], expect=len(prompts))
+        assert all("group smart: learned:" in x["route_reason"] and " p=" in x["route_reason"] for x in rows)
+    finally:
+        assert gw.proc is not None
+        stop(gw.proc)

@@ -153,24 +153,25 @@ class Pipeline:
                               max_output=call.max_tokens or 0, capabilities=needed_capabilities(payload),
                               tier=call.tier)
         health = route.Health(self.breakers.open_providers())
-        learned = self._learned(call, payload, need, allowed, health) if call.requested_model in self.routers else None
+        learned = self._learned(call, payload, allowed, health) if call.requested_model in self.routers else None
         decision = route.decide(call, self.targets, allowed, self.groups, need, health, random.random(), learned)
         if isinstance(decision, route.Refusal):
             raise _REFUSALS.get(decision.status, BadRequest)(decision.message, param=decision.param,
                                                              code=decision.code, status=decision.status)
         return decision
 
-    def _learned(self, call: Call, payload: dict[str, Any], need: route.Need | None, allowed: tuple[str, ...],
+    def _learned(self, call: Call, payload: dict[str, Any], allowed: tuple[str, ...],
                  health: route.Health) -> route.Learned | None:
         """Ask the group's trained router which candidate will succeed cheapest (TF-IDF + logistic
         regression: about a millisecond on CPU, so inline)."""
         router, names = self.routers[call.requested_model]
         text = prompt_text(call.endpoint, payload)
         probs = {names.get(m, m): p for m, p in router.predict(text).items()}
-        n = need or route.Need()
         fits = {m for m in probs if m in self.targets and (not allowed or m in allowed)
                 and self.targets[m].provider not in health.open_providers}
-        costs = {m: self.targets[m].est_cost(n.prompt_tokens, n.max_output or 256) for m in fits}
+        # Costs on the scale the operating point was calibrated on (the artefact's own estimate),
+        # so a lambda means what it meant in training.
+        costs = {names.get(m, m): c for m, c in router.estimate_costs(text).items() if names.get(m, m) in fits}
         if not costs:
             return None
         probs = {m: p for m, p in probs.items() if m in costs}

@@ -64,5 +64,6 @@ def reason(probs: Mapping[str, float], costs: Mapping[str, float], chosen: str, 
         rule = f"cheapest with p >= {threshold:.2f}" if p >= threshold else f"none reached p >= {threshold:.2f}"
     else:
         rule = "no rule"
-    tail = "" if best == chosen else f"; most likely {best} p={probs[best]:.2f} cost=${costs.get(best, float('nan')):.6f}"
+    best_cost = costs.get(best, float("nan"))
+    tail = "" if best == chosen else f"; most likely {best} p={probs[best]:.2f} cost=${best_cost:.6f}"
     return f"{head} ({rule}){tail}"

@@ -42,6 +42,28 @@ def oracle_choice(scores: Array, costs: Array) -> npt.NDArray[np.int_]:
     return np.asarray(masked.argmin(axis=1), dtype=np.int64)
 
 
+def oracle_cost_at(scores: Array, costs: Array, target: float) -> float | None:
+    """Least mean cost at which a router that knows every answer reaches ``target`` quality:
+    start from the cheapest model everywhere and upgrade queries to their cheapest best model in
+    order of extra cost per quality gained (exact for 0/1 scores). None if unreachable."""
+    n = len(scores)
+    base_j = int(np.argmin(costs.mean(axis=0)))
+    orc = oracle_choice(scores, costs)
+    rows = np.arange(n)
+    dq = (scores[rows, orc] - scores[:, base_j]) / n
+    dc = (costs[rows, orc] - costs[:, base_j]) / n
+    q, c = float(scores[:, base_j].mean()), float(costs[:, base_j].mean())
+    if q >= target:
+        return c
+    gain = dq > 1e-15
+    order = np.argsort(np.where(gain, dc / np.where(gain, dq, 1.0), np.inf), kind="stable")
+    for i in order[: int(gain.sum())]:
+        q, c = q + float(dq[i]), c + float(dc[i])
+        if q >= target - 1e-12:
+            return c
+    return None
+
+
 def two_model_curve(score: Array, y_weak: Array, y_strong: Array) -> tuple[Array, Array]:
     """(fraction of calls to strong, quality) for k = 0..n, sending the top-k scores to strong.
     Ties keep input order (stable sort)."""
