@@ -24,6 +24,8 @@ import yaml
 from margin.ledger import open_store
 
 PY = sys.executable
+# The project's data sets sit beside the repository (CI clones it with shared/ next to it).
+SHARED_DATA = Path(os.environ.get("MARGIN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PG_ADMIN_URL = os.environ.get("MARGIN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

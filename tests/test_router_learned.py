@@ -16,8 +16,9 @@ from margin.router import ArtefactError, load_router, save_router
 from margin.router import metrics as M
 from margin.router import train as T
 from margin.router.data import STRONG, WEAK, RoutingTable, load_routellm
+from tests.conftest import SHARED_DATA
 
-MMLU = Path("/work/shared/data/routing/routellm/mmlu")
+MMLU = SHARED_DATA / "routing/routellm/mmlu"
 SUBJECTS = ["anatomy", "astronomy", "high_school_biology"]
 needs_data = pytest.mark.skipif(not MMLU.exists(), reason="RouteLLM MMLU data not present")
 

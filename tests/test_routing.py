@@ -13,7 +13,7 @@ import pytest
 
 from margin.domain import Attribution, Call
 from margin.policy import route
-from tests.conftest import Gateway, Mock, free_port, gateway_config, start_gateway, start_mock, stop
+from tests.conftest import SHARED_DATA, Gateway, Mock, free_port, gateway_config, start_gateway, start_mock, stop
 
 CHEAP = {"per_million": {"input": "0.1", "output": "0.4"}}
 MID = {"per_million": {"input": "1", "output": "4"}}
@@ -155,7 +155,7 @@ def test_learned_router_group(mock_upstream: Mock, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    mmlu = Path(__file__).resolve().parents[2] / "shared/data/routing/routellm/mmlu"
+    mmlu = SHARED_DATA / "routing/routellm/mmlu"
     files = [str(mmlu / "mmlu_high_school_mathematics.csv"), str(mmlu / "mmlu_high_school_us_history.csv")]
     artefact = tmp_path / "router"
     r = subprocess.run([sys.executable, "-m", "margin", "router", "train", "--format", "routellm",
