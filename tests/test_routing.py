@@ -182,3 +182,33 @@ def test_learned_router_group(mock_upstream: Mock, tmp_path: Path) -> None:
     finally:
         assert gw.proc is not None
         stop(gw.proc)
+
+
+def test_least_latency_and_key_default_tier(mock_upstream: Mock, tmp_path: Path) -> None:
+    slow = start_mock(free_port(), ttft_ms=60.0)
+    try:
+        cfg = gateway_config(tmp_path, mock_upstream.url, f"sqlite:///{tmp_path}/l.db")
+        cfg["providers"].append({"name": "slow", "kind": "openai", "base_url": slow.url})
+        cfg["models"] += [{"name": "quick", "provider": "mock", "price": DEAR, "quality": 0.4},
+                          {"name": "sluggish", "provider": "slow", "price": CHEAP, "quality": 0.9}]
+        cfg["groups"] = [{"name": "fast", "candidates": ["quick", "sluggish"], "strategy": "least-latency"}]
+        gw = start_gateway(tmp_path, cfg)
+        try:
+            k = gw.create_key(team="lat")["key"]
+            first = {served(chat(gw, k, "fast")) for _ in range(2)}
+            assert first == {"quick", "sluggish"}  # each measured once
+            later = [served(chat(gw, k, "fast")) for _ in range(5)]
+            assert later == ["quick"] * 5
+            # A key's tags give its default tier; the header still wins.
+            premium = gw.create_key(team="lat", tags={"tier": "premium"})["key"]
+            assert served(chat(gw, premium, "fast")) == "sluggish"  # strongest pool
+            assert served(chat(gw, premium, "fast", headers={"X-Margin-Tier": "standard"})) == "quick"
+            r = chat(gw, premium, "fast", headers={"X-Margin-Tier": "gold"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_tier"
+        finally:
+            assert gw.proc is not None
+            stop(gw.proc)
+    finally:
+        stop(slow.proc)
+    bad = route.decide(Call("chat", "x", False, Attribution()), {}, (), {}, route.Need())
+    assert isinstance(bad, route.Refusal)

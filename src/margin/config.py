@@ -221,7 +221,7 @@ class GroupConfig(_Strict):
 
     name: str = Field(min_length=1)
     candidates: list[str] = Field(min_length=1)
-    strategy: Literal["cheapest", "rules", "weighted", "learned", "cascade"] = "cheapest"
+    strategy: Literal["cheapest", "rules", "weighted", "least-latency", "learned", "cascade"] = "cheapest"
     rules: list[RuleConfig] = Field(default_factory=list)
     weights: dict[str, float] = Field(default_factory=dict)
     router: str | None = None  # learned: artefact path (margin router train --out DIR)

@@ -71,6 +71,7 @@ class Pipeline:
                  groups: dict[str, route.Group] | None = None, retry: RetryConfig | None = None,
                  breakers: Breakers | None = None, routers: dict[str, tuple[Any, dict[str, str]]] | None = None):
         self.routers = routers or {}  # group -> (loaded learned router, its model names -> ours)
+        self.latency: dict[str, float] = {}  # per model, smoothed: time to first token, else whole call
         self.guard = guard
         self.groups = groups or {}
         self.retry = retry or RetryConfig()
@@ -85,6 +86,10 @@ class Pipeline:
     def _record(self, ev: Event, t0: float, upstream_s: float | None = None) -> None:
         ev.ts_end = _now()
         ev.latency_ms = _ms(t0, time.perf_counter())
+        if ev.status == 200 and ev.model:
+            seen = ev.ttft_ms if ev.ttft_ms is not None else ev.latency_ms
+            old = self.latency.get(ev.model)
+            self.latency[ev.model] = seen if old is None else 0.8 * old + 0.2 * seen
         self.writer.append(ev)
         self.telemetry.observe(ev, upstream_s)
 
@@ -152,7 +157,7 @@ class Pipeline:
             need = route.Need(prompt_tokens=estimate_input(call.endpoint, payload),
                               max_output=call.max_tokens or 0, capabilities=needed_capabilities(payload),
                               tier=call.tier)
-        health = route.Health(self.breakers.open_providers())
+        health = route.Health(self.breakers.open_providers(), tuple(self.latency.items()))
         learned = self._learned(call, payload, allowed, health) if call.requested_model in self.routers else None
         decision = route.decide(call, self.targets, allowed, self.groups, need, health, random.random(), learned)
         if isinstance(decision, route.Refusal):

@@ -92,8 +92,15 @@ def attribution_for(key: VirtualKey, request_tags: tuple[tuple[str, str], ...]) 
     return Attribution(key.org, key.team, key.user, key.app, key.env, key.key_id, tuple(sorted(merged.items())))
 
 
+_TIERS = ("premium", "standard", "batch")
+
+
 def build_call(endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str], key: VirtualKey) -> Call:
     _check_fields(endpoint, payload)
+    tier = headers.get("x-margin-tier")
+    if tier is not None and tier not in _TIERS:
+        raise BadRequest(f"X-Margin-Tier must be one of {', '.join(_TIERS)}, not '{tier}'", param="X-Margin-Tier",
+                         code="invalid_tier")
     tags = parse_tags(headers.get("x-margin-tags"))
     attribution = attribution_for(key, tags)
     tag_map = dict(attribution.tags)
@@ -109,7 +116,8 @@ def build_call(endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, s
         agent=headers.get("x-margin-agent", ""),
         step=headers.get("x-margin-step", ""),
         tool=headers.get("x-margin-tool", ""),
-        tier=headers.get("x-margin-tier", ""),
-        priority=headers.get("x-margin-priority", ""),
+        # A key's default tier/priority are its tags (keys create --tags tier=premium,priority=low).
+        tier=headers.get("x-margin-tier") or tag_map.get("tier", ""),
+        priority=headers.get("x-margin-priority") or tag_map.get("priority", ""),
         has_tools=bool(payload.get("tools")),
     )

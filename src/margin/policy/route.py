@@ -99,6 +99,7 @@ class Refusal:
 @dataclass(frozen=True, slots=True)
 class Health:
     open_providers: frozenset[str] = frozenset()
+    latency_ms: tuple[tuple[str, float], ...] = ()  # measured, smoothed latency per model
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,12 @@ def decide(call: Call, targets: Mapping[str, Target], allowed: tuple[str, ...],
                 chosen, reason = t, f"weighted {w:g}/{total:g}"
                 break
         chosen = chosen or pool[-1][0]
+    elif group.strategy == "least-latency":
+        measured = dict(health.latency_ms)
+        # Unmeasured models first (they need a measurement), then the fastest.
+        chosen = min(fits, key=lambda t: (t.model in measured, measured.get(t.model, 0.0), t.model))
+        reason = (f"least latency ({measured[chosen.model]:.0f} ms)" if chosen.model in measured
+                  else "least latency (not yet measured)")
     elif group.strategy == "learned" and learned is not None:
         chosen = next((t for t in fits if t.model == learned.model), None)
         reason = f"learned: {learned.reason}"
