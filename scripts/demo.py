@@ -74,7 +74,11 @@ def config() -> dict[str, object]:
         models.append({"name": "gemma-3-270m", "provider": "local", "context_window": 2048,
                        "price": {"self_hosted": {"gpu_hour_usd": "0.10"}},
                        "throughput": {"output_tokens_per_s": 40, "input_tokens_per_s": 450}, "power_watts": 35})
-    return {"admin_key": ADMIN, "providers": providers, "models": models,
+    budgets = [{"id": "search-monthly", "name": "Search team", "scope": {"team": "search"}, "limit_usd": "0.003",
+                "period": "month", "thresholds": [{"at": 50, "action": "notify"},
+                                                  {"at": 80, "action": "downgrade", "map": {"gpt-4o": "gpt-4o-mini"}},
+                                                  {"at": 100, "action": "block"}]}]
+    return {"admin_key": ADMIN, "providers": providers, "models": models, "budgets": budgets,
             "ledger": {"url": f"sqlite:///{HOME}/ledger.db", "spool_dir": str(HOME / "spool")}}
 
 
@@ -106,10 +110,15 @@ def traffic() -> str:
     stream = support.chat.completions.create(model="gpt-4o-mini", stream=True, max_tokens=30,
                                              messages=[{"role": "user", "content": "Write a short apology"}])
     print("    " + "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)[:100])
-    say("search team: answers on gpt-4o and embeddings")
-    for q in ("best laptop for travel", "return policy for sale items", "store hours on sunday"):
-        search.chat.completions.create(model="gpt-4o", max_tokens=60, messages=[{"role": "user", "content": q}],
-                                       extra_headers={"X-Margin-Tags": "workflow=answer"})
+    say("search team: gpt-4o under a $0.003 monthly budget (notify at 50%, downgrade to gpt-4o-mini at 80%)")
+    for q in ("best laptop for travel", "return policy for sale items", "store hours on sunday",
+              "gift ideas under 50 dollars", "how to track my order", "do you ship abroad"):
+        r = search.chat.completions.with_raw_response.create(
+            model="gpt-4o", max_tokens=60, messages=[{"role": "user", "content": q}],
+            extra_headers={"X-Margin-Tags": "workflow=answer"})
+        down = r.headers.get("x-margin-downgraded-from")
+        print(f"    {q:32} served by {r.headers['x-margin-route'].split()[0]:12} ${r.headers['x-margin-cost-usd']}"
+              + (f"  (downgraded from {down})" if down else ""))
     search.embeddings.create(model="text-embedding-3-small", input=["laptop", "returns", "hours"])
     if LOCAL:
         research = openai.OpenAI(base_url=base, api_key=key("research", "rui", "notebook", "dev"), max_retries=0)
@@ -153,6 +162,9 @@ def main() -> None:
     say("the report, straight from the ledger: margin report --since 1h --by team,model")
     subprocess.run([str(BIN / "margin"), "report", "--config", str(cfg_path), "--since", "1h", "--by", "team,model"],
                    check=True)
+    say("budgets, live from the gateway: margin budgets list")
+    subprocess.run([str(BIN / "margin"), "budgets", "list", "--config", str(cfg_path), "--url",
+                    f"http://127.0.0.1:{PORT}"], check=True)
     print()
     say(f"the gateway is still running: http://127.0.0.1:{PORT}/v1  (metrics: http://127.0.0.1:{PORT}/metrics)")
     print(f"    try it:  curl http://127.0.0.1:{PORT}/v1/chat/completions -H 'Authorization: Bearer {demo_key}' \\\n"

@@ -58,6 +58,8 @@ def _group_value(row: Row, col: str) -> Any:
         tags = row.get("tags") or "{}"
         return (orjson.loads(tags) if isinstance(tags, str) else tags).get(col[4:], "")
     v = row.get(col)
+    if col == "model" and not v and row.get("requested_model"):
+        return f"{row['requested_model']} (not served)"  # refused before any model was called
     return "" if v is None else v
 
 
