@@ -241,6 +241,15 @@ class BreakerConfig(_Strict):
     cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class CacheConfig(_Strict):
+    enabled: bool = False
+    backend: str = "memory"  # or a redis:// URL shared by replicas
+    ttl_s: float = Field(default=3600, gt=0)
+    max_entries: int = Field(default=10_000, ge=1)  # memory backend; Redis bounds entries by TTL
+    scope: Literal["org", "team", "key"] = "org"  # who may share entries
+    allow_nondeterministic: bool = False  # cache temperature > 0 answers too
+
+
 class Config(_Strict):
     admin_key: str | None = None
     providers: list[ProviderConfig]
@@ -256,6 +265,7 @@ class Config(_Strict):
     budgets: list[BudgetConfig] = Field(default_factory=list)
     rate_limits: list[RateLimitConfig] = Field(default_factory=list)
     budget_refresh_s: float = Field(default=1.0, gt=0)
+    cache: CacheConfig = CacheConfig()
     # Routing
     groups: list[GroupConfig] = Field(default_factory=list)
     retry: RetryConfig = RetryConfig()

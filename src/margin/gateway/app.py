@@ -26,6 +26,7 @@ from margin.pricing import PriceBook
 from margin.providers import make_provider
 from margin.providers.base import Provider
 from margin.state import MemoryState, make_state
+from margin.state.cache import Cache, MemoryCache, RedisCache
 from margin.telemetry import Telemetry
 
 log = logging.getLogger("margin.gateway")
@@ -105,8 +106,13 @@ class MarginApp:
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)
         self._refresher: asyncio.Task[None] | None = None
         self.routers = self._load_routers(cfg)
+        self.cache: Cache | None = None
+        if cfg.cache.enabled:
+            self.cache = (MemoryCache(cfg.cache.max_entries) if cfg.cache.backend == "memory"
+                          else RedisCache(cfg.cache.backend))
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
-                                 self.guard, self.groups, cfg.retry, self.breakers, self.routers)
+                                 self.guard, self.groups, cfg.retry, self.breakers, self.routers, self.cache,
+                                 cfg.cache)
         self.max_body = cfg.limits.max_body_bytes
 
     @staticmethod

@@ -11,19 +11,20 @@ import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import uuid_utils
 
-from margin.config import RetryConfig
+from margin.config import CacheConfig, RetryConfig
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, usd
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
+from margin.gateway.caching import CacheLever
 from margin.gateway.calls import estimate_input, needed_capabilities, output_text, prompt_text, upstream_error
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.request import build_call, parse_json
-from margin.gateway.stream import UPSTREAM_ERRORS, Relayed, relay
+from margin.gateway.stream import UPSTREAM_ERRORS, Out, Recorder, Relayed, Sink, relay
 from margin.ledger.writer import LedgerWriter
 from margin.policy import cascade, route
 from margin.policy import learned as learned_policy
@@ -31,6 +32,7 @@ from margin.pricing import PriceBook
 from margin.pricing.tokens import count_text
 from margin.providers.base import Chunk, Provider
 from margin.providers.usage import parse_usage
+from margin.state.cache import Cache
 from margin.telemetry import Telemetry
 
 log = logging.getLogger("margin.gateway")
@@ -38,19 +40,6 @@ Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _REFUSALS: dict[int, type[GatewayError]] = {400: BadRequest, 403: Forbidden, 404: NotFound}
-
-
-class Out(Protocol):
-    """How the pipeline answers; the ASGI shell implements it."""
-
-    disconnected: bool
-    started: bool
-
-    async def respond(self, status: int, headers: Headers, body: bytes) -> None: ...
-
-    async def start(self, status: int, headers: Headers) -> None: ...
-
-    async def chunk(self, data: bytes) -> None: ...
 
 
 def _now() -> datetime:
@@ -69,7 +58,9 @@ class Pipeline:
     def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
                  keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry, guard: BudgetGuard,
                  groups: dict[str, route.Group] | None = None, retry: RetryConfig | None = None,
-                 breakers: Breakers | None = None, routers: dict[str, tuple[Any, dict[str, str]]] | None = None):
+                 breakers: Breakers | None = None, routers: dict[str, tuple[Any, dict[str, str]]] | None = None,
+                 cache: Cache | None = None, cache_cfg: CacheConfig | None = None):
+        self.caching = CacheLever(cache, cache_cfg, prices)
         self.routers = routers or {}  # group -> (loaded learned router, its model names -> ours)
         self.latency: dict[str, float] = {}  # per model, smoothed: time to first token, else whole call
         self.guard = guard
@@ -257,12 +248,18 @@ class Pipeline:
                 decision = self._apply_budget(admission, decision, upstream_payload)
                 ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
             upstream_payload["model"] = decision.upstream_model
+            key, may_read, may_write = self.caching.plan(call, decision, payload, headers)
+            if key and may_read and await self.caching.serve(key, call, decision, ev, out,
+                                                             self._route_headers(ev, decision)):
+                return
+            store = key if may_write and verify is None else None
             self.breakers.before_call(decision.provider)
             if call.stream:
-                upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out)
+                upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out,
+                                                store)
             else:
                 upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out,
-                                                  verify)
+                                                  verify, store)
             self.breakers.success(decision.provider)
         except _Escalate:
             self.breakers.success(decision.provider)
@@ -309,7 +306,7 @@ class Pipeline:
 
     async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                         upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out,
-                        verify: route.Group | None = None) -> float:
+                        verify: route.Group | None = None, store: str | None = None) -> float:
         provider = self.providers[decision.provider]
         t_up = time.perf_counter()
         try:
@@ -329,11 +326,13 @@ class Pipeline:
         response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
         await out.respond(200, response_headers, reply.body)
+        if store:
+            await self.caching.put(store, decision, ev, body=reply.body.decode(errors="replace"))
         return upstream_s
 
     async def _stream(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                       upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
-                      out: Out) -> float:
+                      out: Out, store: str | None = None) -> float:
         provider = self.providers[decision.provider]
         opts = payload.get("stream_options")
         client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -354,7 +353,8 @@ class Pipeline:
             self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
             return f": margin cost_usd={usd(ev.cost.total_usd)} event_id={ev.event_id}\n\n".encode()
 
-        r = await relay(chunks, first, out, client_wants_usage, on_done)
+        sink: Sink = Recorder(out) if store else out
+        r = await relay(chunks, first, sink, client_wants_usage, on_done)
         if r.client_left:
             ev.status, ev.error_type = 499, "client_disconnected"
         elif r.failure is not None:
@@ -367,6 +367,8 @@ class Pipeline:
             ev.status, ev.error_type = 502, "upstream_error"
         # Provider-reported usage wins whenever it arrived; otherwise bill what was delivered.
         self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
+        if store and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:
+            await self.caching.put(store, decision, ev, chunks=sink.events)
         if r.t_first:
             ev.ttft_ms = _ms(t0, r.t_first)
             if r.n_out > 1:

@@ -24,7 +24,24 @@ UPSTREAM_ERRORS = (UpstreamError, UpstreamTimeout, UpstreamConnectionError)
 
 
 class Sink(Protocol):
+    @property
+    def disconnected(self) -> bool: ...
+
+    async def chunk(self, data: bytes) -> None: ...
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Out(Protocol):
+    """How the pipeline answers; the ASGI shell implements it."""
+
     disconnected: bool
+    started: bool
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None: ...
+
+    async def start(self, status: int, headers: Headers) -> None: ...
 
     async def chunk(self, data: bytes) -> None: ...
 
@@ -104,3 +121,21 @@ async def relay(chunks: AsyncIterator[Chunk], first: Chunk, out: Sink, client_wa
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
     return r
+
+
+class Recorder:
+    """A Sink that also keeps the SSE events it forwards (not margin's own comments), so a
+    complete stream can be cached and replayed."""
+
+    def __init__(self, out: Sink):
+        self.out = out
+        self.events: list[str] = []
+
+    @property
+    def disconnected(self) -> bool:
+        return self.out.disconnected
+
+    async def chunk(self, data: bytes) -> None:
+        if not data.startswith(b":"):
+            self.events.append(data.decode(errors="replace"))
+        await self.out.chunk(data)
