@@ -14,7 +14,7 @@ $(BIN)/python:
 
 install-base: $(VENV)/.base
 $(VENV)/.base: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,otel,plots]'
+	$(BIN)/pip install -q -e '.[dev,otel,plots,semantic]'
 	@touch $@
 
 install-local: $(VENV)/.local

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from margin import __version__
-from margin.cli import budgets, keys, router
+from margin.cli import budgets, cache, keys, router
 from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
 from margin.domain import usd
 
@@ -19,6 +19,7 @@ app = typer.Typer(help="margin: meter, price and control every LLM call.", no_ar
 app.add_typer(keys.app, name="keys")
 app.add_typer(budgets.app, name="budgets")
 app.add_typer(router.app, name="router")
+app.add_typer(cache.app, name="cache")
 config_app = typer.Typer(help="Validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
