@@ -26,8 +26,9 @@ from margin.cache_eval import (
 )
 from margin.cache_eval.embed import Matrix, normalise
 from margin.cache_eval.evaluate import at_recall, gptcache_comparison
+from tests.conftest import SHARED_DATA
 
-QQP = Path("/work/shared/data/cache/qqp_pairs.json.gz")
+QQP = SHARED_DATA / "cache/qqp_pairs.json.gz"
 
 
 class TableEncoder:

@@ -91,6 +91,17 @@ class EvalResult:
 # ----------------------------------------------------------------------------- data
 
 
+def _json_from_tar(tar: tarfile.TarFile, path: Path) -> Any:
+    """The one .json file a (gzip) tar holds, as GPTCache ships its benchmark data."""
+    members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")]
+    if len(members) != 1:
+        raise ValueError(f"{path}: expected one .json file in the tar, found {len(members)}")
+    f = tar.extractfile(members[0])
+    if f is None:
+        raise ValueError(f"{path}: cannot read {members[0].name}")
+    return json.load(f)
+
+
 def _read_json_bytes(path: Path) -> Any:
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -98,23 +109,11 @@ def _read_json_bytes(path: Path) -> Any:
         if tarfile.is_tarfile(buf):
             buf.seek(0)
             with tarfile.open(fileobj=buf, mode="r:*") as tar:
-                members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")]
-                if len(members) != 1:
-                    raise ValueError(f"{path}: expected one .json file in the tar, found {len(members)}")
-                f = tar.extractfile(members[0])
-                if f is None:
-                    raise ValueError(f"{path}: cannot read {members[0].name}")
-                return json.load(f)
+                return _json_from_tar(tar, path)
         return json.loads(gzip.decompress(raw))
     if tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")]
-            if len(members) != 1:
-                raise ValueError(f"{path}: expected one .json file in the tar, found {len(members)}")
-            f = tar.extractfile(members[0])
-            if f is None:
-                raise ValueError(f"{path}: cannot read {members[0].name}")
-            return json.load(f)
+            return _json_from_tar(tar, path)
     return json.loads(raw)
 
 

@@ -89,7 +89,6 @@ class BudgetGuard:
         self._tasks: set[asyncio.Task[None]] = set()
         self._settles: list[tuple[str, dict[str, int], float]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.state_failures = 0
 
     @property
     def active(self) -> bool:
@@ -158,7 +157,6 @@ class BudgetGuard:
         try:
             return self.state, await self.state.reserve(rid, holds, now, ttl)
         except StateUnavailable as e:
-            self.state_failures += 1
             self.telemetry.state_failures.labels(self.cfg.state_failure).inc()
             if self.cfg.state_failure == "closed":
                 log.error("budget state unavailable, refusing (state_failure: closed): %s", e)
