@@ -66,6 +66,21 @@ class KeyRing:
         return key
 
 
+    async def by_id(self, key_id: str) -> VirtualKey:
+        """The current state of a key known by id (internal callers such as the batch lane);
+        read from the store each time, so a revocation is seen at once."""
+        try:
+            row = await self.store.key_by_id(key_id)
+        except StoreUnavailable:
+            raise KeyStoreUnavailable("The key store is unavailable; retry shortly") from None
+        if row is None:
+            raise Unauthorized(f"The key {key_id} no longer exists")
+        key = row_to_key(row)
+        if not key.active:
+            raise RevokedKey(key)
+        return key
+
+
 class KeyStoreUnavailable(GatewayError):
     status, type, code = 503, "api_error", "key_store_unavailable"
 

@@ -16,7 +16,7 @@ from typing import Any
 import uuid_utils
 
 from margin.config import CacheConfig, RetryConfig
-from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, usd
+from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, VirtualKey, usd
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
@@ -101,15 +101,25 @@ class Pipeline:
         self._record(ev, t0)
         await out.respond(error.status, JSON_HEADERS, error.body())
 
-    async def handle(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, out: Out) -> None:
+    async def handle(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, out: Out,
+                     key: VirtualKey | None = None, event_id: str | None = None) -> None:
         """One ledger event per attempt, whatever happens (errors, cancellation, bugs); retries and
-        fallbacks are events of their own, linked to the first by parent_event_id."""
+        fallbacks are events of their own, linked to the first by parent_event_id.
+
+        `key`: an already-authenticated caller (the batch lane runs stored requests on behalf of
+        the key that submitted them; only the hash of its secret is stored, so it cannot re-send it).
+        Its revocation is still honoured: the key is re-read through the key ring. `event_id`: a
+        deterministic id for the first attempt's event, so an internal caller that must re-run a
+        request after a crash cannot record it twice (the ledger ignores a repeated event_id)."""
         t0 = time.perf_counter()
         ev = self._new_event(endpoint, headers)
+        if event_id is not None:
+            ev.event_id = event_id
         failure: GatewayError | None = None
         handed_off = False  # once attempts start, each records its own event
         try:
-            key = await self.keys.authenticate(headers.get("authorization"))
+            key = (await self.keys.by_id(key.key_id) if key is not None
+                   else await self.keys.authenticate(headers.get("authorization")))
             ev.attribution = key.attribution()
             payload = parse_json(body)
             ev.requested_model = str(payload.get("model") or "")
