@@ -203,6 +203,35 @@ class RateLimitConfig(_Strict):
     tpm: int = Field(default=0, ge=0)
 
 
+class RunCapConfig(_Strict):
+    """Caps on one agent run (calls sharing X-Margin-Run-Id) of the scoped workflow, key, team...
+    Every cap given must hold; a run reaching one is stopped (HTTP 429 run_limit_exceeded)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    scope: dict[str, str] = Field(default_factory=dict)
+    max_calls: int | None = Field(default=None, ge=1, description="LLM calls per run")
+    max_tool_calls: int | None = Field(default=None, ge=0, description="tool calls the model issued in the run")
+    max_usd: Decimal | None = Field(default=None, gt=0, description="spend per run; no call may exceed it")
+    max_wall_s: float | None = Field(default=None, gt=0, description="seconds since the run's first call")
+    max_repeats: int | None = Field(default=None, ge=1, description="times one newest message may recur (loops)")
+    on_cap: Literal["stop", "escalate"] = "stop"  # escalate: webhook POST (once per run and cap), then stop
+    webhook: str = ""
+    run_ttl_s: float = Field(default=86400, gt=0, description="a run's counters live this long after its last call")
+
+    @model_validator(mode="after")
+    def _something_capped(self) -> RunCapConfig:
+        caps = (self.max_calls, self.max_tool_calls, self.max_usd, self.max_wall_s, self.max_repeats)
+        if all(c is None for c in caps):
+            raise ValueError(f"run cap {self.id!r}: give at least one of max_calls, max_tool_calls, max_usd, "
+                             "max_wall_s, max_repeats")
+        bad = [d for d in self.scope if d not in SCOPE_DIMENSIONS and not d.startswith("tag:")]
+        if bad:
+            raise ValueError(f"run cap {self.id!r}: unknown scope dimension(s) {bad}")
+        if self.on_cap == "escalate" and not self.webhook:
+            raise ValueError(f"run cap {self.id!r}: on_cap escalate needs `webhook`")
+        return self
+
+
 class RuleConfig(_Strict):
     """First matching rule wins. Every condition given must hold."""
 
@@ -264,6 +293,7 @@ class Config(_Strict):
     fail_open_allowance_usd: Decimal = Decimal("1")
     budgets: list[BudgetConfig] = Field(default_factory=list)
     rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    run_caps: list[RunCapConfig] = Field(default_factory=list)
     budget_refresh_s: float = Field(default=1.0, gt=0)
     cache: CacheConfig = CacheConfig()
     # Routing
@@ -282,7 +312,8 @@ class Config(_Strict):
         for m in self.models:
             if m.provider not in names:
                 raise ValueError(f"model {m.name!r} names unknown provider {m.provider!r}; known: {names}")
-        for kind, ids in (("budget", [b.id for b in self.budgets]), ("rate limit", [r.id for r in self.rate_limits])):
+        for kind, ids in (("budget", [b.id for b in self.budgets]), ("rate limit", [r.id for r in self.rate_limits]),
+                          ("run cap", [c.id for c in self.run_caps])):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             if dup:
                 raise ValueError(f"{kind} ids must be unique; repeated: {dup}")

@@ -72,6 +72,9 @@ class Telemetry:
         self.budget_actions = Counter(
             "margin_budget_actions", "Budget and rate-limit actions (notify, downgrade, defer, block, rate_limit)",
             ["budget", "action"], registry=r)
+        self.run_stops = Counter(
+            "margin_run_stops", "Agent runs stopped by a run cap, by cap and the limit that hit", ["cap", "limit"],
+            registry=r)
         self.state_failures = Counter(
             "margin_budget_state_failures", "Budget state backend unreachable, by configured mode", ["mode"],
             registry=r)

@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 
-BudgetUnit = Literal["usd", "tokens"]
+BudgetUnit = Literal["usd", "tokens", "calls"]  # calls: a count that settles to what was reserved
 PeriodKind = Literal["day", "week", "month", "custom", "rolling"]
 ActionKind = Literal["notify", "downgrade", "defer", "block"]
 
@@ -18,13 +18,13 @@ NANO = Decimal("1e9")
 
 def to_units(amount: Decimal, unit: BudgetUnit) -> int:
     """USD -> nano-USD, rounded up: a counter never under-counts what was spent."""
-    if unit == "tokens":
+    if unit != "usd":
         return int(amount)
     return int((amount * NANO).to_integral_value(rounding=ROUND_CEILING))
 
 
 def from_units(units: int, unit: BudgetUnit) -> Decimal:
-    return Decimal(units) if unit == "tokens" else Decimal(units) / NANO
+    return Decimal(units) / NANO if unit == "usd" else Decimal(units)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +102,20 @@ class ReserveResult:
     # Counter state just before this reservation (budgets: spent/reserved; buckets: spent = level).
     states: dict[str, CounterState] = field(default_factory=dict)
     retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunCap:
+    """Caps on one agent run (all calls sharing a run id) within `scope` (budget dimensions).
+    None means "not capped"."""
+
+    id: str
+    scope: tuple[tuple[str, str], ...] = ()
+    max_calls: int | None = None
+    max_tool_calls: int | None = None
+    max_usd: Decimal | None = None
+    max_wall_s: float | None = None
+    max_repeats: int | None = None
+    on_cap: Literal["stop", "escalate"] = "stop"
+    webhook: str = ""
+    ttl_s: float = 86400.0

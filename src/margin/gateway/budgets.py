@@ -16,10 +16,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from margin.config import BudgetConfig, Config, RateLimitConfig
+from margin.config import BudgetConfig, Config, RateLimitConfig, RunCapConfig
 from margin.domain import Attribution, Call, Event, RouteDecision
-from margin.domain.budget import Budget, BudgetUnit, CounterState, Hold, RateLimit, Threshold, to_units
+from margin.domain.budget import Budget, BudgetUnit, CounterState, Hold, RateLimit, RunCap, Threshold, to_units
 from margin.gateway.errors import GatewayError
+from margin.policy import agents
 from margin.policy import budget as policy
 from margin.pricing import PriceBook
 from margin.state import MemoryState, State, StateUnavailable
@@ -33,6 +34,10 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 class BudgetRefused(GatewayError):
     status, type, code = 429, "budget_error", "budget_exceeded"
+
+
+class RunLimitExceeded(GatewayError):
+    status, type, code = 429, "run_limit_error", "run_limit_exceeded"
 
 
 class StateDown(GatewayError):
@@ -61,6 +66,11 @@ def to_rate_limit(c: RateLimitConfig) -> RateLimit:
     return RateLimit(c.id, tuple(sorted(c.scope.items())), c.rpm, c.tpm)
 
 
+def to_run_cap(c: RunCapConfig) -> RunCap:
+    return RunCap(c.id, tuple(sorted(c.scope.items())), c.max_calls, c.max_tool_calls, c.max_usd, c.max_wall_s,
+                  c.max_repeats, c.on_cap, c.webhook, c.run_ttl_s)
+
+
 @dataclass(slots=True)
 class Admission:
     """What a call took from its budgets; settled exactly once when it ends."""
@@ -68,6 +78,7 @@ class Admission:
     rid: str
     plan: policy.BudgetPlan
     state: State
+    tool_counters: list[Hold] | None = None  # run caps counting the tool calls this call's answer issues
 
 
 class BudgetGuard:
@@ -82,6 +93,7 @@ class BudgetGuard:
         self.definitions: dict[str, BudgetConfig] = dict(self.config_budgets)
         self.stored_ids: set[str] = set()
         self.rate_limits = [to_rate_limit(r) for r in cfg.rate_limits]
+        self.run_caps = [to_run_cap(c) for c in cfg.run_caps]
         self.snapshot: dict[str, CounterState] = {}
         self.fired: list[dict[str, Any]] = []  # recent actions, for /admin/budgets status
         self.models = {m.name: m for m in cfg.models}
@@ -92,7 +104,7 @@ class BudgetGuard:
 
     @property
     def active(self) -> bool:
-        return bool(self.budgets or self.rate_limits)
+        return bool(self.budgets or self.rate_limits or self.run_caps)
 
     def load(self, stored: list[BudgetConfig], deleted: set[str] | None = None) -> None:
         """Config budgets, overlaid by those stored through the admin API (stored wins by id;
@@ -112,23 +124,26 @@ class BudgetGuard:
 
     # -- admission ------------------------------------------------------------------------------
     async def admit(self, call: Call, decision: RouteDecision, body_len: int, n_messages: int,
-                    ev: Event) -> Admission | None:
+                    ev: Event, message: str = "") -> Admission | None:
+        """`message`: the hash of the call's newest message (loop detection), when run caps apply."""
         if not self.active:
             return None
         now = datetime.now(UTC)
         model_cfg = self.models[decision.model]
         dims = policy.dims_of(call.attribution, call.workflow, decision.model, decision.provider)
+        run = await self._run_plan(call, dims, message, now, ev) if self.run_caps and call.run_id else None
         args: dict[str, Any] = dict(
             dims=dims, budgets=self.budgets, rate_limits=self.rate_limits, price=self._price,
             prompt_bound=policy.input_bound(body_len, n_messages), max_tokens=call.max_tokens,
             model_max_output=model_cfg.output_cap, priority=call.priority, now=now, provider_of=self._provider,
+            extra=run.dollars if run else (), extra_holds=run.holds if run else (),
         )
         p = policy.plan(model=decision.model, snapshot=self.snapshot, **args)
         self._notify(p, ev)
         if p.refusal is not None:
-            self._refuse(p.refusal, ev)
-        if not p.holds:
-            return None  # no budget or limit covers this call: no round trip to the state
+            await self._refuse(p.refusal, ev, call)
+        if not p.holds:  # no budget or limit covers this call: no round trip to the state
+            return Admission("", p, self.state, run.tool_counters) if run and run.tool_counters else None
         rid = uuid.uuid4().hex
         # A reservation outlives the longest the call can take, then lapses (a crashed replica
         # cannot hold budget forever).
@@ -144,14 +159,57 @@ class BudgetGuard:
                 state, result = await self._reserve(rid, p.holds, now.timestamp(), ttl)
                 self.snapshot.update(result.states)
             if p.refusal is not None or not result.ok:
-                self._refuse(p.refusal or self._refusal_for(result.failed_key, result.states, result.retry_after_s,
-                                                            p, now), ev)
+                await self._refuse(p.refusal or self._refusal_for(result.failed_key, result.states,
+                                                                  result.retry_after_s, p, now), ev, call)
         if p.downgraded_from:
             ev.actions.append({"action": "downgrade", "from": p.downgraded_from, "to": p.model,
                                "budgets": [a.budget.id for a in p.applied]})
             for a in p.applied:
                 self.telemetry.budget_actions.labels(a.budget.id, "downgrade").inc()
-        return Admission(rid, p, state)
+        return Admission(rid, p, state, run.tool_counters if run else None)
+
+    async def _run_plan(self, call: Call, dims: dict[str, str], message: str, now: datetime,
+                        ev: Event) -> agents.RunPlan | None:
+        caps = agents.applicable(self.run_caps, dims, call.run_id)
+        if not caps:
+            return None
+        t = now.timestamp()
+        started: dict[str, float] = {}
+        snapshot: dict[str, CounterState] = {}
+        try:
+            for cap in caps:  # the run's clock starts at its first call, on whichever replica
+                if cap.max_wall_s is not None:
+                    started[cap.id] = await self.state.first_seen(agents.key(cap, "start", call.run_id), t,
+                                                                  t + cap.ttl_s)
+            tools = [agents.tool_counter(c, call.run_id, t + c.ttl_s) for c in caps if c.max_tool_calls is not None]
+            if tools:  # added after answers, never reserved: read them fresh
+                snapshot = await self.state.snapshot(tools, t)
+        except StateUnavailable as e:
+            if self.cfg.state_failure == "closed":
+                raise StateDown("Run state is unavailable; refusing (state_failure: closed)") from e
+            log.warning("run state unavailable; wall-time and tool-call caps skipped (state_failure: open): %s", e)
+        run = agents.plan(caps, call.run_id, message, snapshot, started, now)
+        if run.stop is not None:
+            await self._stop_run(run.stop, call, ev)
+        return run
+
+    async def _stop_run(self, stop: agents.RunStop, call: Call, ev: Event) -> None:
+        cap = stop.cap
+        ev.actions.append({"action": "run_stop", "cap": cap.id, "limit": stop.limit})
+        self.telemetry.run_stops.labels(cap.id, stop.limit).inc()
+        if cap.on_cap == "escalate":
+            try:
+                first = await self.state.mark_fired(agents.key(cap, "escalated", call.run_id), "escalate",
+                                                    time.time() + cap.ttl_s)
+            except StateUnavailable:
+                first = True  # better a repeated alert than a silent stop
+            if first:
+                ev.actions.append({"action": "run_escalate", "cap": cap.id})
+                await self._post(cap.webhook, {
+                    "event": "run.cap", "cap": cap.id, "limit": stop.limit, "run_id": call.run_id,
+                    "workflow": call.workflow, "team": call.attribution.team, "key": call.attribution.key_id,
+                    "message": stop.message, "at": datetime.now(UTC).isoformat()})
+        raise RunLimitExceeded(stop.message, param=stop.limit)
 
     async def _reserve(self, rid: str, holds: list[Hold], now: float, ttl: float) -> tuple[State, Any]:
         try:
@@ -171,13 +229,21 @@ class BudgetGuard:
 
     def _refusal_for(self, key: str, states: dict[str, CounterState], retry: float, p: policy.BudgetPlan,
                      now: datetime) -> policy.Refusal:
+        if key.startswith("run:"):  # a run counter: _refuse turns it into the run's stop
+            return policy.Refusal("run_limit_exceeded", key, 0.0, key)
         if key.startswith("rl:"):
             return policy.Refusal("rate_limit_exceeded", f"Rate limit exceeded: {key.split(':')[1]} "
                                   f"({key.rsplit(':', 1)[-1]}); retry in {retry:.1f} s", max(retry, 0.001))
         a = next(a for a in p.applied if a.key == key)
         return policy.exceeded(a, states.get(key, CounterState()), now)
 
-    def _refuse(self, r: policy.Refusal, ev: Event) -> None:
+    async def _refuse(self, r: policy.Refusal, ev: Event, call: Call) -> None:
+        if r.budget_id.startswith("run:"):  # a run cap (dollars, calls or repeats), not a budget
+            counter = r.budget_id if r.budget_id.count(":") >= 3 else agents.key(
+                next(c for c in self.run_caps if f"run:{c.id}" == r.budget_id), "usd", call.run_id)
+            stop = agents.stop_for(counter, self.run_caps, self.snapshot.get(counter, CounterState()))
+            if stop is not None:
+                await self._stop_run(stop, call, ev)
         action = {"budget_exceeded": "block", "budget_deferred": "defer"}.get(r.code, "rate_limit")
         ev.actions.append({"action": action, "budget": r.budget_id})
         self.telemetry.budget_actions.labels(r.budget_id or "rate_limit", action).inc()
@@ -190,8 +256,17 @@ class BudgetGuard:
     async def settle(self, adm: Admission, ev: Event) -> None:
         """Spend what the call really cost; release the rest of the reservation."""
         cost, tokens = ev.cost.total_usd, ev.usage.total_tokens
-        actual = {h.key: (to_units(cost, "usd") if h.unit == "usd" else tokens) if h.kind == "budget"
-                  else (1 if h.key.endswith(":rpm") else tokens) for h in adm.plan.holds}
+        actual = {h.key: (h.amount if h.unit == "calls" else to_units(cost, "usd") if h.unit == "usd" else tokens)
+                  if h.kind == "budget" else (1 if h.key.endswith(":rpm") else tokens) for h in adm.plan.holds}
+        n_tools = sum(int(a.get("n", 0)) for a in ev.actions if a.get("action") == "tool_calls")
+        if adm.tool_counters and n_tools:
+            try:
+                for h in adm.tool_counters:
+                    await adm.state.add_spent(h, n_tools, time.time())
+            except StateUnavailable as e:
+                log.error("could not count %d tool calls of run %s: %s", n_tools, ev.run_id, e)
+        if not adm.plan.holds:
+            return
         over = [h.key for h in adm.plan.holds if h.kind == "budget" and actual[h.key] > h.amount]
         if over:  # cannot happen if the upstream honours max_tokens; say so loudly if it does
             log.error("call %s cost more than its reservation on %s", ev.event_id, over)

@@ -67,6 +67,16 @@ def output_text(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def tool_calls_in(data: dict[str, Any]) -> int:
+    """Tool calls a (non-streamed) answer asks the client to run: what run caps count."""
+    n = 0
+    for c in data.get("choices") or ():
+        msg = c.get("message") if isinstance(c, dict) else None
+        if isinstance(msg, dict):
+            n += len(msg.get("tool_calls") or ()) + (1 if msg.get("function_call") else 0)
+    return n
+
+
 def prompt_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
     """What a learned router reads: the last user turn of a chat, or the prompt."""
     if endpoint == "chat":

@@ -20,13 +20,20 @@ from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usa
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
-from margin.gateway.calls import estimate_input, needed_capabilities, output_text, prompt_text, upstream_error
+from margin.gateway.calls import (
+    estimate_input,
+    needed_capabilities,
+    output_text,
+    prompt_text,
+    tool_calls_in,
+    upstream_error,
+)
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.request import build_call, parse_json
 from margin.gateway.stream import UPSTREAM_ERRORS, Out, Recorder, Relayed, Sink, relay
 from margin.ledger.writer import LedgerWriter
-from margin.policy import cascade, route
+from margin.policy import agents, cascade, route
 from margin.policy import learned as learned_policy
 from margin.pricing import PriceBook
 from margin.pricing.tokens import count_text
@@ -252,7 +259,9 @@ class Pipeline:
         upstream_s: float | None = None
         ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
         try:
-            admission = await self.guard.admit(call, decision, len(body), len(payload.get("messages") or ()), ev)
+            message = agents.message_hash(call.endpoint, payload) if call.run_id and self.guard.run_caps else ""
+            admission = await self.guard.admit(call, decision, len(body), len(payload.get("messages") or ()), ev,
+                                               message)
             upstream_payload = dict(payload)
             if admission is not None:
                 decision = self._apply_budget(admission, decision, upstream_payload)
@@ -328,6 +337,9 @@ class Pipeline:
             input_tokens=estimate_input(call.endpoint, payload),
             output_tokens=count_text(output_text(reply.data)), source="estimated")
         self._meter(ev, decision, usage)
+        n_tools = tool_calls_in(reply.data)
+        if n_tools:
+            ev.actions.append({"action": "tool_calls", "n": n_tools})
         if verify is not None:
             ok, why = cascade.verify(output_text(reply.data), verify.verify_regex, verify.verify_json)
             if not ok:  # metered and recorded, but not returned: a stronger model answers instead
@@ -375,6 +387,8 @@ class Pipeline:
                 await out.chunk(b"data: " + err.body() + b"\n\n")
         elif r.upstream_error_event:
             ev.status, ev.error_type = 502, "upstream_error"
+        if r.tool_calls:
+            ev.actions.append({"action": "tool_calls", "n": r.tool_calls})
         # Provider-reported usage wins whenever it arrived; otherwise bill what was delivered.
         self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
         if store and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:

@@ -51,6 +51,7 @@ class Relayed:
     usage: Usage | None = None
     pieces: list[str] = field(default_factory=list)  # delivered text, for estimates
     n_out: int = 0  # chunks that carried output
+    tool_calls: int = 0  # tool calls the answer issued (each starts with a delta carrying its id)
     t_first: float = 0.0
     t_last: float = 0.0
     failure: BaseException | None = None  # what cut the stream short, if anything
@@ -77,6 +78,15 @@ def delta_text(data: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _new_tool_calls(data: dict[str, Any]) -> int:
+    n = 0
+    for c in data.get("choices") or ():
+        d = c.get("delta") if isinstance(c, dict) else None
+        if isinstance(d, dict):
+            n += sum(1 for tc in d.get("tool_calls") or () if isinstance(tc, dict) and tc.get("id"))
+    return n
+
+
 async def relay(chunks: AsyncIterator[Chunk], first: Chunk, out: Sink, client_wants_usage: bool,
                 on_done: Any) -> Relayed:
     """Forward chunks until [DONE] or a failure. `on_done(r)` runs just before [DONE] is sent
@@ -99,6 +109,8 @@ async def relay(chunks: AsyncIterator[Chunk], first: Chunk, out: Sink, client_wa
                 if "error" in data and not data.get("choices"):
                     r.upstream_error_event = True
                 text = delta_text(data)
+                if text and b'"tool_calls"' in chunk.raw:  # cheap test before walking the JSON
+                    r.tool_calls += _new_tool_calls(data)
                 if text:
                     r.n_out += 1
                     r.pieces.append(text)

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from margin.domain import Attribution
+from margin.domain import Attribution, usd
 from margin.domain.budget import Budget, CounterState, Hold, RateLimit, Threshold, from_units, to_units
 
 # Worst-case USD of (model, input tokens, output tokens), from the price table.
@@ -134,7 +134,7 @@ class BudgetPlan:
 
 def _describe(a: Applied, state: CounterState) -> str:
     b = a.budget
-    spent, reserved = from_units(state.spent, b.unit), from_units(state.reserved, b.unit)
+    spent, reserved = (usd(from_units(n, b.unit).normalize()) for n in (state.spent, state.reserved))
     unit = "USD" if b.unit == "usd" else "tokens"
     return (f"budget '{b.label}' ({dict(b.scope) or 'global'}, {b.period}): spent {spent} {unit}"
             f" + {reserved} reserved of {b.limit} {unit}; resets {a.end.isoformat()}")
@@ -149,13 +149,16 @@ def plan(
     *, dims: Mapping[str, str], model: str, budgets: Sequence[Budget], rate_limits: Sequence[RateLimit],
     snapshot: Mapping[str, CounterState], price: PriceFn, prompt_bound: int, max_tokens: int | None,
     model_max_output: int, priority: str, now: datetime, provider_of: Callable[[str], str] | None = None,
+    extra: Sequence[Applied] = (), extra_holds: Sequence[Hold] = (),
 ) -> BudgetPlan:
     """Decide what a call needs from its budgets. `snapshot` is the latest known counter state
-    (it steers thresholds; the hard limit is enforced by the atomic reservation of `holds`)."""
+    (it steers thresholds; the hard limit is enforced by the atomic reservation of `holds`).
+    `extra`: budget-like limits already applied (an agent run's dollar cap); `extra_holds`: other
+    counters to reserve in the same all-or-nothing step (a run's call and repeat counts)."""
     p = BudgetPlan(model=model)
     for _ in range(3):  # a downgrade may lead to another budget's downgrade; bounded
         d = dict(dims, model=p.model, provider=provider_of(p.model) if provider_of else dims.get("provider", ""))
-        p.applied = applicable(budgets, d, now)
+        p.applied = applicable(budgets, d, now) + list(extra)
         p.notify.clear()
         target = _thresholds(p, snapshot, priority, now)
         if p.refusal is not None or target is None:
@@ -179,6 +182,7 @@ def plan(
                   else prompt_bound + out)
         p.holds.append(Hold(a.key, "budget", a.limit_units, amount, a.end.timestamp() + COUNTER_SLACK_S,
                             float(b.rolling_s) if b.period == "rolling" else 0.0, b.unit))
+    p.holds.extend(extra_holds)
     d = dict(dims, model=p.model)
     for rl in rate_limits:
         sv = scope_values(rl.scope, d)

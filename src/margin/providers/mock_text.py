@@ -206,3 +206,38 @@ def embeddings_body(
     if report_usage:
         out["usage"] = {"prompt_tokens": total, "total_tokens": total}
     return orjson.dumps(out)
+
+
+def tool_calls(name: str, n: int, seed_text: str) -> list[dict[str, Any]]:
+    """`n` deterministic calls of the tool `name` (ids and arguments derived from the prompt)."""
+    h = blake2b(seed_text.encode(), digest_size=4).hexdigest()
+    return [{"id": f"call_{h}{i}", "type": "function",
+             "function": {"name": name, "arguments": orjson.dumps({"step": i, "q": h}).decode()}}
+            for i in range(n)]
+
+
+def tool_call_body(rid: str, model: str, calls: list[dict[str, Any]], use: dict[str, Any] | None) -> bytes:
+    out: dict[str, Any] = {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                     "logprobs": None, "finish_reason": "tool_calls"}],
+    }
+    if use is not None:
+        out["usage"] = use
+    return orjson.dumps(out)
+
+
+def tool_call_events(rid: str, model: str, calls: list[dict[str, Any]], use: dict[str, Any] | None) -> bytes:
+    """A streamed tool-call answer, as OpenAI sends it: each call's first delta carries its id."""
+    head: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": model}
+    out = b""
+    for i, c in enumerate(calls):
+        delta: dict[str, Any] = {"tool_calls": [{"index": i, **c}]}
+        if i == 0:
+            delta["role"] = "assistant"
+        out += sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    out += sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]})
+    if use is not None:
+        out += sse({**head, "choices": [], "usage": use})
+    return out + DONE

@@ -86,6 +86,7 @@ class _Overrides:
     reasoning_tokens: int | None = None
     invalid_json: bool = False
     tokens_per_s: float | None = None
+    tool_calls: int = 0
 
     @classmethod
     def parse(cls, headers: list[tuple[bytes, bytes]]) -> _Overrides | None:
@@ -116,6 +117,8 @@ class _Overrides:
                     ov.invalid_json = val == "1"
                 elif name == b"tokens-per-s":
                     ov.tokens_per_s = float(val)
+                elif name == b"tool-calls":
+                    ov.tool_calls = int(val)
         return ov
 
 
@@ -237,6 +240,16 @@ class MockApp:
         tps = ov.tokens_per_s if ov.tokens_per_s is not None else o.tokens_per_s
         ans = self._answer(req, model, chat, ov)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-mock{self.requests}"
+        tools = req.get("tools")
+        if chat and ov.tool_calls and isinstance(tools, list) and tools:  # X-Mock-Tool-Calls: n
+            name = str((tools[0].get("function") or {}).get("name") or "tool") if isinstance(tools[0], dict) else "tool"
+            calls = mock_text.tool_calls(name, ov.tool_calls, "".join(ans.tokens))
+            await _sleep(ttft)
+            so = req.get("stream_options")
+            use = ans.usage if not stream or (isinstance(so, dict) and so.get("include_usage")) else None
+            await _respond(send, 200, mock_text.tool_call_events(rid, model, calls, use) if stream
+                           else mock_text.tool_call_body(rid, model, calls, ans.usage), _SSE if stream else _JSON)
+            return
         if stream:
             await self._stream(send, req, rid, model, chat, ans, ttft, reset, tps)
             return

@@ -31,4 +31,7 @@ class State(Protocol):
     async def mark_fired(self, key: str, tag: str, expires_at: float) -> bool:
         """True the first time (key, tag) is marked: threshold notifications fire once per period."""
 
+    async def first_seen(self, key: str, now: float, expires_at: float) -> float:
+        """The time first recorded under `key` (recording `now` if nothing was): when a run began."""
+
     async def close(self) -> None: ...

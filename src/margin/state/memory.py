@@ -47,6 +47,7 @@ class MemoryState:
         self._c: dict[str, _Counter] = {}
         self._res: dict[str, list[Hold]] = {}
         self._fired: dict[tuple[str, str], float] = {}
+        self._first: dict[str, tuple[float, float]] = {}  # key -> (first seen, expires at)
 
     def _get(self, h: Hold, now: float) -> _Counter:
         c = self._c.get(h.key)
@@ -121,10 +122,19 @@ class MemoryState:
         self._fired[(key, tag)] = expires_at
         return True
 
+    async def first_seen(self, key: str, now: float, expires_at: float) -> float:
+        seen = self._first.get(key)
+        if seen is None or seen[1] <= now:
+            seen = (now, expires_at)
+        self._first[key] = (seen[0], max(seen[1], expires_at))
+        return seen[0]
+
     def _gc(self, now: float) -> None:
         if len(self._c) > 100_000:  # bound memory: drop counters whose period has ended
             for k in [k for k, c in self._c.items() if c.expires_at <= now]:
                 del self._c[k]
+            for k in [k for k, (_, exp) in self._first.items() if exp <= now]:
+                del self._first[k]
 
     async def close(self) -> None:
         return None

@@ -145,6 +145,18 @@ class RedisState:
             raise StateUnavailable(f"Redis at {self._where} unavailable during mark_fired: {e}") from e
         return bool(first)
 
+    async def first_seen(self, key: str, now: float, expires_at: float) -> float:
+        # SET NX GET (Redis >= 7.0) is one atomic round trip: the first writer's time wins.
+        name = f"{self._prefix}s:{key}"
+        at = max(math.ceil(expires_at * 1000), math.ceil((now + FIRED_MIN_TTL_S) * 1000))
+        try:
+            old = await self._redis.set(name, repr(now), nx=True, get=True, pxat=at)
+            if old is not None:
+                await self._redis.pexpireat(name, at)  # a run that is still active stays alive
+        except _UNAVAILABLE as e:
+            raise StateUnavailable(f"Redis at {self._where} unavailable during first_seen: {e}") from e
+        return float(old) if old is not None else now
+
     async def close(self) -> None:
         await self._redis.aclose()
         await self._pool.aclose()
