@@ -76,6 +76,19 @@ def _all_tiers() -> list[Tier]:
     return ["premium", "standard", "batch"]
 
 
+class CompressConfig(_Strict):
+    """Context compression for a route (docs/compression.md): dedupe repeated tool outputs and
+    paragraphs, then drop the oldest turns while the prompt is over `max_input_tokens`."""
+
+    max_input_tokens: int | None = Field(default=None, ge=64)
+    dedupe_tool_outputs: bool = True
+    dedupe_paragraphs: bool = True
+    min_paragraph_chars: int = Field(default=200, ge=20)
+    block: int = Field(default=4, ge=1, description="turns dropped at a time, so the kept prefix stays stable")
+    summarise_with: str | None = None  # a (cheap) model that summarises the dropped turns; metered and linked
+    summary_max_tokens: int = Field(default=256, ge=16)
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     provider: str
@@ -89,6 +102,7 @@ class ModelConfig(_Strict):
     tiers: list[Tier] = Field(default_factory=_all_tiers)
     quality: float = Field(default=0.5, ge=0, le=1, description="prior: how strong the model is, 0..1")
     fallbacks: list[str] = Field(default_factory=list, description="models to try, in order, if this one fails")
+    compress: CompressConfig | None = None  # opt-in context compression for requests of this model
 
     @property
     def upstream_id(self) -> str:
@@ -257,6 +271,9 @@ class GroupConfig(_Strict):
     router_models: dict[str, str] = Field(default_factory=dict, description="router's model name -> margin model")
     verify_regex: str | None = None  # cascade: escalate unless the answer matches
     verify_json: bool = False  # cascade: escalate unless the answer is valid JSON
+    compress: CompressConfig | None = None  # opt-in context compression for requests of this group
+    # What routing's savings are measured against: by default the strongest candidate.
+    reference: str | None = None
 
 
 class RetryConfig(_Strict):
@@ -325,8 +342,15 @@ class Config(_Strict):
             missing += [r.model for r in g.rules if r.model not in known]
             if missing:
                 raise ValueError(f"group {g.name!r} names unknown model(s) {missing}")
+            if g.reference is not None and g.reference not in known:
+                raise ValueError(f"group {g.name!r}: unknown reference model {g.reference!r}")
             if g.strategy == "learned" and not g.router:
                 raise ValueError(f"group {g.name!r}: strategy learned needs `router` (an artefact path)")
+        routes: list[ModelConfig | GroupConfig] = [*self.models, *self.groups]
+        for r in routes:
+            summariser = r.compress.summarise_with if r.compress else None
+            if summariser is not None and summariser not in known:
+                raise ValueError(f"{r.name!r}: compress.summarise_with names unknown model {summariser!r}")
         for m in self.models:
             bad = [f for f in m.fallbacks if f not in known]
             if bad:

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from margin.config import Config, ModelConfig
+from margin.config import CompressConfig, Config, ModelConfig
 from margin.domain import Endpoint
 from margin.gateway import admin
 from margin.gateway.auth import KeyRing
@@ -101,7 +101,8 @@ class MarginApp:
         self.groups = {g.name: Group(g.name, tuple(g.candidates), g.strategy,
                                      tuple(Rule(r.model, tuple(sorted(r.tags.items())), r.key, r.team, r.tier, r.tools,
                                                 r.prompt_tokens_gt, r.prompt_tokens_lte) for r in g.rules),
-                                     tuple(g.weights.items()), g.verify_regex, g.verify_json) for g in cfg.groups}
+                                     tuple(g.weights.items()), g.verify_regex, g.verify_json, g.reference)
+                       for g in cfg.groups}
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)
         self._refresher: asyncio.Task[None] | None = None
@@ -112,7 +113,7 @@ class MarginApp:
                           else RedisCache(cfg.cache.backend))
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
                                  self.guard, self.groups, cfg.retry, self.breakers, self.routers, self.cache,
-                                 cfg.cache)
+                                 cfg.cache, compression_routes(cfg))
         self.max_body = cfg.limits.max_body_bytes
 
     @staticmethod
@@ -271,6 +272,13 @@ class MarginApp:
             return await admin.handle(self, method, path, headers, body)
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 
+
+
+def compression_routes(cfg: Config) -> dict[str, CompressConfig]:
+    """Route name (a model or a group) -> its compression settings, for routes that opted in."""
+    out = {m.name: m.compress for m in cfg.models if m.compress is not None}
+    out.update({g.name: g.compress for g in cfg.groups if g.compress is not None})
+    return out
 
 
 def from_env() -> MarginApp:

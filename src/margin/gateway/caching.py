@@ -9,6 +9,7 @@ from typing import Any
 
 from margin.config import CacheConfig
 from margin.domain import Call, Cost, Event, RouteDecision, Usage
+from margin.gateway import levers
 from margin.gateway.stream import Out
 from margin.policy import cache as cache_policy
 from margin.pricing import PriceBook
@@ -49,10 +50,9 @@ class CacheLever:
             return False
         saved = Usage(input_tokens=hit.input_tokens, output_tokens=hit.output_tokens,
                       cached_input_tokens=hit.cached_input_tokens, reasoning_tokens=hit.reasoning_tokens)
-        ev.cache_hit, ev.lever = "exact", "cache"
+        ev.cache_hit = "exact"
         ev.cost = Cost(price_source="cache hit")
-        ev.avoided_cost_usd = self.prices.cost(decision.model, saved).total_usd
-        ev.tokens_saved = saved.total_tokens
+        levers.saved(ev, "cache", self.prices.cost(decision.model, saved).total_usd, saved.total_tokens)
         ev.actions.append({"action": "cache_hit", "lookup_ms": round((time.perf_counter() - t) * 1000, 3)})
         h = [*route_headers, (b"x-margin-cache", b"hit"), (b"x-margin-cost-usd", b"0")]
         if call.stream:

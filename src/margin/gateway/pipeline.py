@@ -7,34 +7,34 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import uuid_utils
 
-from margin.config import CacheConfig, RetryConfig
+from margin.config import CacheConfig, CompressConfig, RetryConfig
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, VirtualKey, usd
+from margin.gateway import levers
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
 from margin.gateway.calls import (
     estimate_input,
-    needed_capabilities,
     output_text,
-    prompt_text,
     tool_calls_in,
     upstream_error,
 )
+from margin.gateway.compression import CompressLever
 from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.request import build_call, parse_json
-from margin.gateway.stream import UPSTREAM_ERRORS, Out, Recorder, Relayed, Sink, relay
+from margin.gateway.routing import Router
+from margin.gateway.stream import UPSTREAM_ERRORS, Captured, Out, Recorder, Relayed, Sink, relay
 from margin.ledger.writer import LedgerWriter
-from margin.policy import agents, cascade, route
-from margin.policy import learned as learned_policy
+from margin.policy import agents, cascade, compress, route
 from margin.pricing import PriceBook
 from margin.pricing.tokens import count_text
 from margin.providers.base import Chunk, Provider
@@ -62,18 +62,22 @@ class _Escalate(Exception):
 
 
 class Pipeline:
+    lane: Any = None  # the batch lane (gateway/batch_worker.BatchLane) when enabled: takes deferrals
+
     def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
                  keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry, guard: BudgetGuard,
                  groups: dict[str, route.Group] | None = None, retry: RetryConfig | None = None,
                  breakers: Breakers | None = None, routers: dict[str, tuple[Any, dict[str, str]]] | None = None,
-                 cache: Cache | None = None, cache_cfg: CacheConfig | None = None):
+                 cache: Cache | None = None, cache_cfg: CacheConfig | None = None,
+                 compression: dict[str, CompressConfig] | None = None):
         self.caching = CacheLever(cache, cache_cfg, prices)
-        self.routers = routers or {}  # group -> (loaded learned router, its model names -> ours)
-        self.latency: dict[str, float] = {}  # per model, smoothed: time to first token, else whole call
+        self.compression = CompressLever(compression or {}, prices, self._summarise)
+        self.references = {g.name: route.reference(g, targets) for g in (groups or {}).values()}
         self.guard = guard
         self.groups = groups or {}
         self.retry = retry or RetryConfig()
         self.breakers = breakers or Breakers()
+        self.router = Router(targets, self.groups, self.breakers, routers or {})
         self.targets = targets
         self.providers = providers
         self.prices = prices
@@ -84,10 +88,8 @@ class Pipeline:
     def _record(self, ev: Event, t0: float, upstream_s: float | None = None) -> None:
         ev.ts_end = _now()
         ev.latency_ms = _ms(t0, time.perf_counter())
-        if ev.status == 200 and ev.model:
-            seen = ev.ttft_ms if ev.ttft_ms is not None else ev.latency_ms
-            old = self.latency.get(ev.model)
-            self.latency[ev.model] = seen if old is None else 0.8 * old + 0.2 * seen
+        self.router.observe(ev)
+        levers.account_route(ev, self.prices, self.references.get(ev.requested_model))
         self.writer.append(ev)
         self.telemetry.observe(ev, upstream_s)
 
@@ -135,7 +137,11 @@ class Pipeline:
             ev.run_id, ev.workflow, ev.agent, ev.step, ev.tool = (
                 call.run_id, call.workflow, call.agent, call.step, call.tool)
             ev.tier = call.tier
-            decision = self._route(call, payload, key.models)
+            # Batch lane (issue 5): a low-priority request may be queued for later (202 + job id).
+            if self.lane is not None and event_id is None and await self.lane.maybe_defer(
+                    endpoint, headers, body, key, call, ev, out):
+                return
+            decision = self.router.decide(call, payload, key.models)
             handed_off = True
             await self._attempts(call, decision, payload, headers, body, ev, t0, out)
         except GatewayError as e:
@@ -157,42 +163,11 @@ class Pipeline:
             if not handed_off:
                 self._record(ev, t0)
         if failure is not None and not out.started and not out.disconnected:
+            # Batch lane (issue 5): a budget's "defer" queues the request (202 + job id) instead of a 429.
+            if (failure.code == "budget_deferred" and self.lane is not None and event_id is None
+                    and await self.lane.maybe_defer(endpoint, headers, body, key, call, ev, out, failure)):
+                return
             await out.respond(failure.status, [*JSON_HEADERS, *_h(failure.headers)], failure.body())
-
-    def _route(self, call: Call, payload: dict[str, Any], allowed: tuple[str, ...]) -> RouteDecision:
-        need = None
-        if call.requested_model in self.groups:
-            need = route.Need(prompt_tokens=estimate_input(call.endpoint, payload),
-                              max_output=call.max_tokens or 0, capabilities=needed_capabilities(payload),
-                              tier=call.tier)
-        health = route.Health(self.breakers.open_providers(), tuple(self.latency.items()))
-        learned = self._learned(call, payload, allowed, health) if call.requested_model in self.routers else None
-        decision = route.decide(call, self.targets, allowed, self.groups, need, health, random.random(), learned)
-        if isinstance(decision, route.Refusal):
-            raise _REFUSALS.get(decision.status, BadRequest)(decision.message, param=decision.param,
-                                                             code=decision.code, status=decision.status)
-        return decision
-
-    def _learned(self, call: Call, payload: dict[str, Any], allowed: tuple[str, ...],
-                 health: route.Health) -> route.Learned | None:
-        """Ask the group's trained router which candidate will succeed cheapest (TF-IDF + logistic
-        regression: about a millisecond on CPU, so inline)."""
-        router, names = self.routers[call.requested_model]
-        text = prompt_text(call.endpoint, payload)
-        probs = {names.get(m, m): p for m, p in router.predict(text).items()}
-        fits = {m for m in probs if m in self.targets and (not allowed or m in allowed)
-                and self.targets[m].provider not in health.open_providers}
-        # Costs on the scale the operating point was calibrated on (the artefact's own estimate),
-        # so a lambda means what it meant in training.
-        costs = {names.get(m, m): c for m, c in router.estimate_costs(text).items() if names.get(m, m) in fits}
-        if not costs:
-            return None
-        probs = {m: p for m, p in probs.items() if m in costs}
-        chosen = learned_policy.choose_op(probs, costs, router.operating_point)
-        op = router.operating_point
-        return route.Learned(chosen, learned_policy.reason(
-            probs, costs, chosen, lam=op["value"] if op.get("rule") == "lambda" else None,
-            threshold=op["value"] if op.get("rule") == "threshold" else None).removeprefix("learned: "))
 
     async def _attempts(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                         headers: dict[str, str], body: bytes, first: Event, t0: float, out: Out) -> None:
@@ -272,6 +247,8 @@ class Pipeline:
                                                              self._route_headers(ev, decision)):
                 return
             store = key if may_write and verify is None else None
+            if call.endpoint == "chat" and call.requested_model in self.compression.routes:
+                await self.compression.apply(call, decision, payload, upstream_payload, ev)
             self.breakers.before_call(decision.provider)
             if call.stream:
                 upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out,
@@ -299,6 +276,28 @@ class Pipeline:
             self._record(ev, t0, upstream_s)
             if admission is not None:
                 await self.guard.settle(admission, ev)
+
+    async def _summarise(self, settings: CompressConfig, dropped: list[dict[str, Any]], call: Call,
+                         parent: Event) -> str:
+        """Ask the route's cheap model to summarise the dropped turns: a call of its own (budgets,
+        exact cache - a conversation's same dropped block is summarised once -, ledger event linked
+        to the request by parent_event_id). On failure the request goes on without a summary."""
+        model = str(settings.summarise_with)
+        t = self.targets[model]
+        body = {"model": model, "temperature": 0, "max_tokens": settings.summary_max_tokens,
+                "messages": compress.summary_request(dropped, settings.summary_max_tokens)}
+        sub = dataclasses.replace(call, requested_model=model, stream=False, max_tokens=settings.summary_max_tokens,
+                                  has_tools=False)
+        decision = RouteDecision(model=model, provider=t.provider, upstream_model=t.upstream_model,
+                                 reason=f"compression summary for {parent.event_id}")
+        ev, out = self._follow_up(parent), Captured()
+        ev.requested_model = model
+        try:
+            await self._attempt(sub, decision, body, {}, orjson.dumps(body), ev, time.perf_counter(), out)
+        except GatewayError as e:
+            log.warning("compression summary by %s failed (%s); sending without it", model, e)
+            return ""
+        return output_text(orjson.loads(out.body)) if out.status == 200 else ""
 
     def _apply_budget(self, adm: Admission, decision: RouteDecision, upstream_payload: dict[str, Any]) -> RouteDecision:
         """A downgrade serves the lighter model; a cap bounds the output so the cost fits."""

@@ -46,6 +46,27 @@ class Out(Protocol):
     async def chunk(self, data: bytes) -> None: ...
 
 
+class Captured:
+    """An Out that keeps a non-streamed answer instead of sending it: for calls margin makes on
+    its own account (compression summaries, the batch lane) through the same pipeline."""
+
+    def __init__(self) -> None:
+        self.disconnected = False
+        self.started = False
+        self.status = 0
+        self.headers: Headers = []
+        self.body = b""
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    async def start(self, status: int, headers: Headers) -> None:
+        raise RuntimeError("Captured answers are not streamed")
+
+    async def chunk(self, data: bytes) -> None:
+        self.body += data
+
+
 @dataclass(slots=True)
 class Relayed:
     usage: Usage | None = None

@@ -76,6 +76,7 @@ class Group:
     weights: tuple[tuple[str, float], ...] = ()
     verify_regex: str | None = None
     verify_json: bool = False
+    reference: str | None = None  # what routing's savings are measured against (default: strongest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,14 @@ def _chain(chosen: Target, fits: Sequence[Target], targets: Mapping[str, Target]
 def _decision(t: Target, reason: str, fallbacks: tuple[str, ...]) -> RouteDecision:
     return RouteDecision(model=t.model, provider=t.provider, upstream_model=t.upstream_model, reason=reason,
                          fallbacks=fallbacks)
+
+
+def reference(group: Group, targets: Mapping[str, Target]) -> str:
+    """The model a group's routing savings are measured against: the configured one, else the
+    strongest candidate (the dearer on a tie): what a team would send everything to unrouted."""
+    if group.reference is not None:
+        return group.reference
+    return max(group.candidates, key=lambda m: (targets[m].quality, targets[m].est_cost(1000, 1000), m))
 
 
 def decide(call: Call, targets: Mapping[str, Target], allowed: tuple[str, ...],

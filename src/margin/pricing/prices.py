@@ -149,6 +149,10 @@ class PriceBook:
         self._models = {m.name: m for m in models}
         self._rates = {m.name: model_rates(m) for m in models}
 
+    @property
+    def models(self) -> frozenset[str]:
+        return frozenset(self._rates)
+
     def rates(self, model: str) -> ModelRates:
         return self._rates[model]
 
