@@ -11,6 +11,7 @@ import typer
 
 from margin import __version__
 from margin.cli import budgets, cache, keys, router
+from margin.cli import plan as plan_cli
 from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
 from margin.domain import usd
 
@@ -20,6 +21,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(budgets.app, name="budgets")
 app.add_typer(router.app, name="router")
 app.add_typer(cache.app, name="cache")
+app.add_typer(plan_cli.app, name="plan")
 config_app = typer.Typer(help="Validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
