@@ -271,6 +271,9 @@ class GroupConfig(_Strict):
     router_models: dict[str, str] = Field(default_factory=dict, description="router's model name -> margin model")
     verify_regex: str | None = None  # cascade: escalate unless the answer matches
     verify_json: bool = False  # cascade: escalate unless the answer is valid JSON
+    verify_min_logprob: float | None = Field(default=None, le=0)  # cascade: mean token logprob at least this
+    verify_judge: str | None = None  # cascade: a (small) model that must answer YES; its call is metered
+    judge_instructions: str | None = None  # the judge's system prompt (default: policy/cascade.JUDGE_SYSTEM)
     compress: CompressConfig | None = None  # opt-in context compression for requests of this group
     # What routing's savings are measured against: by default the strongest candidate.
     reference: str | None = None
@@ -342,6 +345,8 @@ class Config(_Strict):
             missing += [r.model for r in g.rules if r.model not in known]
             if missing:
                 raise ValueError(f"group {g.name!r} names unknown model(s) {missing}")
+            if g.verify_judge is not None and g.verify_judge not in known:
+                raise ValueError(f"group {g.name!r}: unknown judge model {g.verify_judge!r}")
             if g.reference is not None and g.reference not in known:
                 raise ValueError(f"group {g.name!r}: unknown reference model {g.reference!r}")
             if g.strategy == "learned" and not g.router:

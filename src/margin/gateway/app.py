@@ -101,7 +101,8 @@ class MarginApp:
         self.groups = {g.name: Group(g.name, tuple(g.candidates), g.strategy,
                                      tuple(Rule(r.model, tuple(sorted(r.tags.items())), r.key, r.team, r.tier, r.tools,
                                                 r.prompt_tokens_gt, r.prompt_tokens_lte) for r in g.rules),
-                                     tuple(g.weights.items()), g.verify_regex, g.verify_json, g.reference)
+                                     tuple(g.weights.items()), g.verify_regex, g.verify_json, g.reference,
+                                     g.verify_min_logprob, g.verify_judge, g.judge_instructions)
                        for g in cfg.groups}
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)

@@ -21,14 +21,9 @@ from margin.gateway import levers
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
-from margin.gateway.calls import (
-    estimate_input,
-    output_text,
-    tool_calls_in,
-    upstream_error,
-)
+from margin.gateway.calls import estimate_input, output_text, prompt_text, tool_calls_in, upstream_error
 from margin.gateway.compression import CompressLever
-from margin.gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, ServerError, UpstreamFailed
+from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.request import build_call, parse_json
 from margin.gateway.routing import Router
@@ -46,7 +41,6 @@ log = logging.getLogger("margin.gateway")
 Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_REFUSALS: dict[int, type[GatewayError]] = {400: BadRequest, 403: Forbidden, 404: NotFound}
 
 
 def _now() -> datetime:
@@ -277,27 +271,46 @@ class Pipeline:
             if admission is not None:
                 await self.guard.settle(admission, ev)
 
+    async def _verify(self, group: route.Group, call: Call, payload: dict[str, Any], data: dict[str, Any],
+                      ev: Event) -> None:
+        """A cascade step's checks, cheapest first; a rejected answer is metered and recorded but
+        not returned: the next, stronger model answers instead."""
+        text = output_text(data)
+        logprobs = cascade.token_logprobs(data) if group.verify_min_logprob is not None else None
+        ok, why = cascade.verify(text, group.verify_regex, group.verify_json, group.verify_min_logprob, logprobs)
+        if ok and group.verify_judge:
+            question = prompt_text(call.endpoint, payload)
+            verdict = await self._side_call(group.verify_judge, cascade.judge_messages(
+                question, text, group.judge_instructions), 4, call, ev, f"cascade judge for {ev.event_id}")
+            ok, why = cascade.judge_verdict(verdict) if verdict is not None else (False, "judge unavailable")
+        if not ok:
+            ev.actions.append({"action": "cascade_escalate", "why": why})
+            raise _Escalate(why)
+
     async def _summarise(self, settings: CompressConfig, dropped: list[dict[str, Any]], call: Call,
                          parent: Event) -> str:
-        """Ask the route's cheap model to summarise the dropped turns: a call of its own (budgets,
-        exact cache - a conversation's same dropped block is summarised once -, ledger event linked
-        to the request by parent_event_id). On failure the request goes on without a summary."""
-        model = str(settings.summarise_with)
+        summary = await self._side_call(str(settings.summarise_with), compress.summary_request(
+            dropped, settings.summary_max_tokens), settings.summary_max_tokens, call, parent,
+            f"compression summary for {parent.event_id}")
+        return summary or ""
+
+    async def _side_call(self, model: str, messages: list[dict[str, Any]], max_tokens: int, call: Call,
+                         parent: Event, reason: str) -> str | None:
+        """A call margin makes on a request's behalf (a compression summary, a cascade judge): a
+        call of its own through budgets, the exact cache (temperature 0, so the same question is
+        asked once) and the ledger, linked to the request by parent_event_id. None if it failed."""
         t = self.targets[model]
-        body = {"model": model, "temperature": 0, "max_tokens": settings.summary_max_tokens,
-                "messages": compress.summary_request(dropped, settings.summary_max_tokens)}
-        sub = dataclasses.replace(call, requested_model=model, stream=False, max_tokens=settings.summary_max_tokens,
-                                  has_tools=False)
-        decision = RouteDecision(model=model, provider=t.provider, upstream_model=t.upstream_model,
-                                 reason=f"compression summary for {parent.event_id}")
+        body = {"model": model, "temperature": 0, "max_tokens": max_tokens, "messages": messages}
+        sub = dataclasses.replace(call, requested_model=model, stream=False, max_tokens=max_tokens, has_tools=False)
+        decision = RouteDecision(model=model, provider=t.provider, upstream_model=t.upstream_model, reason=reason)
         ev, out = self._follow_up(parent), Captured()
         ev.requested_model = model
         try:
             await self._attempt(sub, decision, body, {}, orjson.dumps(body), ev, time.perf_counter(), out)
         except GatewayError as e:
-            log.warning("compression summary by %s failed (%s); sending without it", model, e)
-            return ""
-        return output_text(orjson.loads(out.body)) if out.status == 200 else ""
+            log.warning("%s by %s failed: %s", reason, model, e)
+            return None
+        return output_text(orjson.loads(out.body)) if out.status == 200 else None
 
     def _apply_budget(self, adm: Admission, decision: RouteDecision, upstream_payload: dict[str, Any]) -> RouteDecision:
         """A downgrade serves the lighter model; a cap bounds the output so the cost fits."""
@@ -326,6 +339,8 @@ class Pipeline:
                         upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out,
                         verify: route.Group | None = None, store: str | None = None) -> float:
         provider = self.providers[decision.provider]
+        if verify is not None and verify.verify_min_logprob is not None and "logprobs" not in upstream_payload:
+            upstream_payload["logprobs"] = True if call.endpoint == "chat" else 1
         t_up = time.perf_counter()
         try:
             reply = await provider.send(call.endpoint, upstream_payload, headers)
@@ -339,14 +354,15 @@ class Pipeline:
         n_tools = tool_calls_in(reply.data)
         if n_tools:
             ev.actions.append({"action": "tool_calls", "n": n_tools})
+        body = reply.body
         if verify is not None:
-            ok, why = cascade.verify(output_text(reply.data), verify.verify_regex, verify.verify_json)
-            if not ok:  # metered and recorded, but not returned: a stronger model answers instead
-                ev.actions.append({"action": "cascade_escalate", "why": why})
-                raise _Escalate(why)
+            await self._verify(verify, call, payload, reply.data, ev)
+            if "logprobs" in upstream_payload and "logprobs" not in payload:  # asked only to verify
+                body = orjson.dumps({**reply.data, "choices": [
+                    {k: v for k, v in c.items() if k != "logprobs"} for c in reply.data.get("choices") or ()]})
         response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
-        await out.respond(200, response_headers, reply.body)
+        await out.respond(200, response_headers, body)
         if store:
             await self.caching.put(store, decision, ev, body=reply.body.decode(errors="replace"))
         return upstream_s

@@ -77,6 +77,9 @@ class Group:
     verify_regex: str | None = None
     verify_json: bool = False
     reference: str | None = None  # what routing's savings are measured against (default: strongest)
+    verify_min_logprob: float | None = None
+    verify_judge: str | None = None
+    judge_instructions: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,19 +138,24 @@ def _choice(chat: bool, text: str | None, finish: str | None, first: bool = Fals
 
 
 def completion_body(
-    rid: str, model: str, chat: bool, tokens: list[str], finish: str, use: dict[str, Any] | None
+    rid: str, model: str, chat: bool, tokens: list[str], finish: str, use: dict[str, Any] | None,
+    logprob: float | None = None,
 ) -> bytes:
-    """A non-streaming chat.completion / text_completion body."""
+    """A non-streaming chat.completion / text_completion body (with token logprobs if given)."""
     text = "".join(tokens)
+    lp: dict[str, Any] | None = None
+    if logprob is not None:
+        lp = ({"content": [{"token": t, "logprob": logprob, "bytes": list(t.encode()), "top_logprobs": []}
+                           for t in tokens]} if chat else {"tokens": tokens, "token_logprobs": [logprob] * len(tokens)})
     choice: dict[str, Any] = (
         {
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
+            "logprobs": lp,
             "finish_reason": finish,
         }
         if chat
-        else {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        else {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
     )
     out: dict[str, Any] = {
         "id": rid,

@@ -62,6 +62,8 @@ class MockOptions:
     reasoning_tokens: int = 0
     seed: int = 0
     models: str = ""
+    answers: str = ""  # JSON {"model": "fixed answer text"}: e.g. a judge model that always says YES
+    logprob: float = -0.2  # per-token logprob reported when a request asks for logprobs
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "timeout_rate", "reset_rate", "cached_fraction"):
@@ -87,6 +89,7 @@ class _Overrides:
     invalid_json: bool = False
     tokens_per_s: float | None = None
     tool_calls: int = 0
+    logprob: float | None = None
 
     @classmethod
     def parse(cls, headers: list[tuple[bytes, bytes]]) -> _Overrides | None:
@@ -117,6 +120,8 @@ class _Overrides:
                     ov.invalid_json = val == "1"
                 elif name == b"tokens-per-s":
                     ov.tokens_per_s = float(val)
+                elif name == b"logprob":
+                    ov.logprob = float(val)
                 elif name == b"tool-calls":
                     ov.tool_calls = int(val)
         return ov
@@ -255,8 +260,18 @@ class MockApp:
             return
         await _sleep(ttft + (len(ans.tokens) / tps if tps > 0 else 0.0))
         await _respond(
-            send, 200, mock_text.completion_body(rid, model, chat, ans.tokens, ans.finish_reason, ans.usage)
+            send, 200, mock_text.completion_body(rid, model, chat, ans.tokens, ans.finish_reason, ans.usage,
+                                                 self._logprob(req, ov))
         )
+
+    @property
+    def _answers(self) -> dict[str, str]:
+        return dict(orjson.loads(self.options.answers)) if self.options.answers else {}
+
+    def _logprob(self, req: dict[str, Any], ov: _Overrides) -> float | None:
+        if not req.get("logprobs"):
+            return None
+        return ov.logprob if ov.logprob is not None else self.options.logprob
 
     def _answer(self, req: dict[str, Any], model: str, chat: bool, ov: _Overrides) -> _Answer:
         o = self.options
@@ -270,7 +285,9 @@ class MockApp:
         cap = req.get("max_completion_tokens") or req.get("max_tokens")
         if isinstance(cap, int) and 0 < cap < n:
             n, finish = cap, "length"
-        tokens = mock_text.tokens_for(o.seed, model, prompt, n)
+        fixed = self._answers.get(model)
+        tokens = mock_text.tokens_for(o.seed, model, prompt, n) if fixed is None else [
+            w if i == 0 else " " + w for i, w in enumerate(fixed.split())]
         if not (ov.usage if ov.usage is not None else o.usage):
             return _Answer(tokens, finish, None)
         cached = ov.cached_tokens if ov.cached_tokens is not None else int(prompt_tokens * o.cached_fraction)
