@@ -11,6 +11,7 @@ import pytest
 
 from margin.ledger import event_to_row, open_store
 from margin.ledger.keys import key_to_row, new_key, row_to_key
+from margin.ledger.schema import MIGRATIONS
 from tests.conftest import drop_pg_database, new_pg_database, require_postgres
 from tests.test_ledger_writer import event
 
@@ -40,7 +41,7 @@ async def test_writes_are_idempotent_and_money_exact(url: str) -> None:
         r = got[rows[5]["event_id"]]
         assert datetime.fromisoformat(r["ts_start"]) == datetime.fromisoformat(rows[5]["ts_start"])
         assert (r["team"], r["input_tokens"], r["stream"]) == ("t", 10, 0)
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == MIGRATIONS[-1].version
         later = await store.fetch_events(since=datetime.now(UTC))
         assert later == []
     finally:

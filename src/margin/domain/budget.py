@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
@@ -10,6 +11,18 @@ from typing import Literal
 BudgetUnit = Literal["usd", "tokens", "calls"]  # calls: a count that settles to what was reserved
 PeriodKind = Literal["day", "week", "month", "custom", "rolling"]
 ActionKind = Literal["notify", "downgrade", "defer", "block"]
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_s(text: str) -> int:
+    """`30m` -> 1800, `24h` -> 86400, `7d`, `2w`, `45s`: the one way margin reads a duration."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h, 7d")
+    return int(m.group(1)) * _SECONDS[m.group(2)]
+
 
 # Counters hold integers: USD in nano-dollars (Redis' Lua numbers are doubles, exact to 2**53,
 # so nano-USD stays exact up to $9M per counter), tokens as tokens.

@@ -138,6 +138,7 @@ class Event:
     stream: bool = False
     energy_j: float | None = None
     actions: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: int = 0  # tool calls the answer asked the client to run (agent steps to come)
 
 
 @dataclass(frozen=True, slots=True)

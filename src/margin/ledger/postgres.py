@@ -15,11 +15,12 @@ from margin.ledger.schema import (
     KEY_FIELDS,
     MIGRATIONS,
     MONEY_FIELDS,
+    OUTCOME_FIELDS,
     UPDATABLE_KEY_FIELDS,
     Row,
     quoted,
 )
-from margin.ledger.store import StoreUnavailable
+from margin.ledger.store import SYNC_KEYS, StoreUnavailable, SyncTable
 
 _STAGE = "CREATE TEMP TABLE IF NOT EXISTS events_in (LIKE events) ON COMMIT DELETE ROWS"
 _FROM_STAGE = (
@@ -209,3 +210,60 @@ class PostgresStore:
             "UPDATE keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL", at, key_id
         )
         return status.endswith(" 1")
+
+    # -- outcomes, alerts and incremental reads (analytics) -----------------------------------------
+    async def insert_outcome(self, row: Row) -> bool:
+        args = ", ".join(f"${i + 1}" + ("::jsonb" if f == "metadata" else "") for i, f in enumerate(OUTCOME_FIELDS))
+        status = await self._execute(
+            f"INSERT INTO outcomes ({quoted(OUTCOME_FIELDS)}) VALUES ({args}) ON CONFLICT (outcome_id) DO NOTHING",
+            *(_outcome_to_pg(f, row.get(f)) for f in OUTCOME_FIELDS))
+        return status.endswith(" 1")
+
+    async def fetch_outcomes(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+        rows = await self._fetch(
+            f"SELECT {quoted(OUTCOME_FIELDS)} FROM outcomes "
+            "WHERE ($1::timestamptz IS NULL OR ts >= $1) AND ($2::timestamptz IS NULL OR ts < $2) "
+            "ORDER BY ts, outcome_id", since, until)
+        return [_from_pg(r) for r in rows]
+
+    async def sync_watermark(self, table: SyncTable) -> int:
+        # Transactions below the oldest running one have all ended: nothing can commit there later.
+        _check_table(table)
+        return int((await self._fetch("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))[0][0])
+
+    async def fetch_page(self, table: SyncTable, from_pos: int, after: tuple[int, str] | None,
+                         limit: int) -> list[Row]:
+        _check_table(table)
+        key, fields = SYNC_KEYS[table], EVENT_FIELDS if table == "events" else OUTCOME_FIELDS
+        # Keyset paging on (xid, id): one transaction holds a whole batch of rows.
+        a_pos, a_key = after or (from_pos, _NIL_UUID if table == "events" else "")
+        rows = await self._fetch(
+            f"SELECT ingest_xid::text::bigint AS _pos, {quoted(fields)} FROM {table} "
+            f"WHERE ingest_xid >= $1::text::xid8 AND (ingest_xid, {key}::text) > ($2::text::xid8, $3) "
+            f"ORDER BY ingest_xid, {key}::text LIMIT $4",
+            str(from_pos), str(a_pos), a_key, limit)
+        return [_from_pg(r) for r in rows]
+
+    async def claim_alert(self, alert_id: str, kind: str, body: str, at: datetime) -> bool:
+        status = await self._execute(
+            "INSERT INTO alerts (alert_id, kind, body, created_at) VALUES ($1, $2, $3::jsonb, $4) "
+            "ON CONFLICT (alert_id) DO NOTHING", alert_id, kind, body, at)
+        return status.endswith(" 1")
+
+
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _check_table(table: str) -> None:
+    if table not in SYNC_KEYS:  # the name goes into SQL text
+        raise ValueError(f"unknown sync table {table!r}")
+
+
+def _outcome_to_pg(field: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if field == "value_usd":
+        return Decimal(value)
+    if field in ("ts", "received_at"):
+        return datetime.fromisoformat(value) if isinstance(value, str) else value
+    return value

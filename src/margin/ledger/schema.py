@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from margin.domain import Event, usd
+from margin.ledger.jobs_schema import JOBS_POSTGRES, JOBS_SQLITE
 
 Row = dict[str, Any]
 
@@ -66,6 +67,10 @@ EVENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("energy_j", "REAL", "DOUBLE PRECISION"),
     ("actions", "TEXT", "JSONB"),
 )
+# Added by later migrations (the first migration keeps creating the table it always created).
+EVENT_COLUMNS_V1 = EVENT_COLUMNS
+EVENT_COLUMNS = (*EVENT_COLUMNS_V1,
+                 ("tool_calls", "INTEGER", "INTEGER"))  # migration 6: tool calls the model's answer issued
 EVENT_FIELDS: tuple[str, ...] = tuple(c[0] for c in EVENT_COLUMNS)
 MONEY_FIELDS = frozenset(
     {"cost_usd", "cost_input_usd", "cost_output_usd", "cost_cache_read_usd", "cost_cache_write_usd",
@@ -90,6 +95,29 @@ KEY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("revoked_at", "TEXT", "TIMESTAMPTZ"),
 )
 KEY_FIELDS: tuple[str, ...] = tuple(c[0] for c in KEY_COLUMNS)
+
+# One row per reported outcome of a run (POST /v1/outcomes). `ts` is when it happened (client
+# may say), `received_at` when margin stored it; outcomes may arrive late and several per run.
+OUTCOME_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("outcome_id", "TEXT PRIMARY KEY", "TEXT PRIMARY KEY"),
+    ("run_id", "TEXT NOT NULL", "TEXT NOT NULL"),
+    ("workflow", "TEXT", "TEXT"),
+    ("status", "TEXT NOT NULL", "TEXT NOT NULL"),
+    ("value_usd", "TEXT", "NUMERIC"),
+    ("quality", "REAL", "DOUBLE PRECISION"),
+    ("human_minutes", "REAL", "DOUBLE PRECISION"),
+    ("ts", "TEXT NOT NULL", "TIMESTAMPTZ NOT NULL"),
+    ("received_at", "TEXT NOT NULL", "TIMESTAMPTZ NOT NULL"),
+    ("metadata", "TEXT", "JSONB"),
+)
+OUTCOME_FIELDS: tuple[str, ...] = tuple(c[0] for c in OUTCOME_COLUMNS)
+# Alerts that must fire once across replicas and restarts: the primary key is the claim.
+ALERT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("alert_id", "TEXT PRIMARY KEY", "TEXT PRIMARY KEY"),
+    ("kind", "TEXT NOT NULL", "TEXT NOT NULL"),
+    ("body", "TEXT", "JSONB"),
+    ("created_at", "TEXT NOT NULL", "TIMESTAMPTZ NOT NULL"),
+)
 UPDATABLE_KEY_FIELDS = frozenset({"name", "org", "team", "user", "app", "env", "models", "tags"})
 
 
@@ -115,13 +143,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         1,
         "events and keys",
         (
-            _table("events", EVENT_COLUMNS, 1),
+            _table("events", EVENT_COLUMNS_V1, 1),
             "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_start)",
             "CREATE INDEX IF NOT EXISTS events_run ON events (run_id)",
             _table("keys", KEY_COLUMNS, 1),
         ),
         (
-            _table("events", EVENT_COLUMNS, 2),
+            _table("events", EVENT_COLUMNS_V1, 2),
             "CREATE INDEX IF NOT EXISTS events_ts ON events (ts_start)",
             "CREATE INDEX IF NOT EXISTS events_run ON events (run_id)",
             _table("keys", KEY_COLUMNS, 2),
@@ -135,6 +163,47 @@ MIGRATIONS: tuple[Migration, ...] = (
         ("CREATE TABLE IF NOT EXISTS budgets (id TEXT PRIMARY KEY, body TEXT, updated_at TEXT NOT NULL)",),
         ("CREATE TABLE IF NOT EXISTS budgets (id TEXT PRIMARY KEY, body JSONB, updated_at TIMESTAMPTZ NOT NULL)",),
     ),
+    # Outcomes of agent runs, and alerts fired once (anomalies). The analytics warehouse copies
+    # rows incrementally by commit position: SQLite's rowid (one writer, so rowids grow in commit
+    # order); in PostgreSQL the inserting transaction id (`ingest_xid`), read up to the oldest
+    # still-running transaction, because replicas commit out of order.
+    Migration(
+        3,
+        "outcomes, alerts, analytics sync position",
+        (
+            _table("outcomes", OUTCOME_COLUMNS, 1),
+            "CREATE INDEX IF NOT EXISTS outcomes_run ON outcomes (run_id)",
+            "CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts)",
+            _table("alerts", ALERT_COLUMNS, 1),
+        ),
+        (
+            _table("outcomes", OUTCOME_COLUMNS, 2),
+            "CREATE INDEX IF NOT EXISTS outcomes_run ON outcomes (run_id)",
+            "CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts)",
+            "ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS ingest_xid xid8 DEFAULT pg_current_xact_id()",
+            "CREATE INDEX IF NOT EXISTS outcomes_xid ON outcomes (ingest_xid)",
+            _table("alerts", ALERT_COLUMNS, 2),
+            # Nullable on purpose: the writer's staging table copies this shape (LIKE events).
+            "ALTER TABLE events ADD COLUMN IF NOT EXISTS ingest_xid xid8 DEFAULT pg_current_xact_id()",
+            "CREATE INDEX IF NOT EXISTS events_xid ON events (ingest_xid)",
+        ),
+    ),
+    # The batch lane: files, batches, items (and deferred requests), provider batches; the SQL
+    # that reads and writes them is in ledger/jobs.py.
+    Migration(4, "batch lane", JOBS_SQLITE, JOBS_POSTGRES),
+    # Prompts and completions of keys that opted in (tag log_payloads=true), secrets redacted
+    # (gateway/payloads.py). One row per ledger event; replay and distillation export read it.
+    Migration(
+        5,
+        "payloads",
+        ("CREATE TABLE IF NOT EXISTS payloads (event_id TEXT PRIMARY KEY, request TEXT, response TEXT, "
+         "ts TEXT NOT NULL)", "CREATE INDEX IF NOT EXISTS payloads_ts ON payloads (ts)"),
+        ("CREATE TABLE IF NOT EXISTS payloads (event_id UUID PRIMARY KEY, request JSONB, response JSONB, "
+         "ts TIMESTAMPTZ NOT NULL)", "CREATE INDEX IF NOT EXISTS payloads_ts ON payloads (ts)"),
+    ),
+    # Tool calls an answer asked the client to run: run caps count them, reports show them per run.
+    Migration(6, "events.tool_calls", ("ALTER TABLE events ADD COLUMN tool_calls INTEGER",),
+              ("ALTER TABLE events ADD COLUMN IF NOT EXISTS tool_calls INTEGER",)),
 )
 
 
@@ -196,6 +265,7 @@ def event_to_row(e: Event) -> Row:
         "error_type": e.error_type or None,
         "energy_j": e.energy_j,
         "actions": orjson.dumps(e.actions).decode(),
+        "tool_calls": e.tool_calls,
     }
 
 

@@ -11,8 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from margin.ledger.schema import EVENT_FIELDS, KEY_FIELDS, MIGRATIONS, UPDATABLE_KEY_FIELDS, Row, quoted
-from margin.ledger.store import StoreUnavailable
+from margin.ledger.schema import (
+    EVENT_FIELDS,
+    KEY_FIELDS,
+    MIGRATIONS,
+    OUTCOME_FIELDS,
+    UPDATABLE_KEY_FIELDS,
+    Row,
+    quoted,
+)
+from margin.ledger.store import SYNC_KEYS, StoreUnavailable, SyncTable
 
 _INSERT_EVENTS = (
     f"INSERT OR IGNORE INTO events ({quoted(EVENT_FIELDS)}) VALUES ({', '.join('?' * len(EVENT_FIELDS))})"
@@ -148,6 +156,52 @@ class SQLiteStore:
             )
         )
         return bool(cur.rowcount)
+
+    # -- outcomes, alerts and incremental reads (analytics) -----------------------------------------
+    async def insert_outcome(self, row: Row) -> bool:
+        sql = (f"INSERT OR IGNORE INTO outcomes ({quoted(OUTCOME_FIELDS)}) "
+               f"VALUES ({', '.join('?' * len(OUTCOME_FIELDS))})")
+        cur = await self._call(lambda c: c.execute(sql, tuple(row.get(f) for f in OUTCOME_FIELDS)))
+        return bool(cur.rowcount)
+
+    async def fetch_outcomes(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+        lo = (since or datetime(1970, 1, 1, tzinfo=UTC)).isoformat()
+        hi = (until or datetime(9999, 1, 1, tzinfo=UTC)).isoformat()
+        rows = await self._call(lambda c: c.execute(
+            "SELECT * FROM outcomes WHERE ts >= ? AND ts < ? ORDER BY ts, outcome_id", (lo, hi)).fetchall())
+        return [dict(r) for r in rows]
+
+    async def sync_watermark(self, table: SyncTable) -> int:
+        # One writer at a time: a later commit always gets a larger rowid than any row seen now.
+        _check_table(table)
+        r = await self._call(lambda c: c.execute(f"SELECT COALESCE(MAX(rowid), 0) + 1 FROM {table}").fetchone())
+        return int(r[0])
+
+    async def fetch_page(self, table: SyncTable, from_pos: int, after: tuple[int, str] | None,
+                         limit: int) -> list[Row]:
+        _check_table(table)
+        lo = max(from_pos, after[0] + 1 if after else from_pos)  # rowid is unique: the id is no tie-break
+
+        def page(c: sqlite3.Connection) -> list[Row]:
+            cur = c.cursor()
+            cur.row_factory = None  # plain tuples: a page can be 50,000 rows
+            cur.execute(f"SELECT rowid AS _pos, * FROM {table} WHERE rowid >= ? ORDER BY rowid LIMIT ?", (lo, limit))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+        rows: list[Row] = await self._call(page)
+        return rows
+
+    async def claim_alert(self, alert_id: str, kind: str, body: str, at: datetime) -> bool:
+        cur = await self._call(lambda c: c.execute(
+            "INSERT OR IGNORE INTO alerts (alert_id, kind, body, created_at) VALUES (?, ?, ?, ?)",
+            (alert_id, kind, body, at.isoformat())))
+        return bool(cur.rowcount)
+
+
+def _check_table(table: str) -> None:
+    if table not in SYNC_KEYS:  # the name goes into SQL text
+        raise ValueError(f"unknown sync table {table!r}")
 
 
 def _migrate(c: sqlite3.Connection) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from margin.ledger.schema import Row
+
+SyncTable = Literal["events", "outcomes"]
+SYNC_KEYS: dict[str, str] = {"events": "event_id", "outcomes": "outcome_id"}
 
 
 class StoreUnavailable(Exception):
@@ -50,6 +53,24 @@ class Store(Protocol):
         """Rows {id, body (JSON text or None for a deleted budget), updated_at}."""
 
     async def put_budget(self, budget_id: str, body: str | None, at: datetime) -> None: ...
+
+    # -- outcomes, alerts and incremental reads (analytics) -----------------------------------------
+    async def insert_outcome(self, row: Row) -> bool:
+        """Store one outcome row (see schema.OUTCOME_FIELDS); False if its outcome_id is already stored."""
+
+    async def fetch_outcomes(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+        """Outcome rows with `since <= ts < until`, oldest first (money as str, time as ISO text)."""
+
+    async def sync_watermark(self, table: SyncTable) -> int:
+        """A commit position P such that every row of `table` committed later has `_pos >= P`."""
+
+    async def fetch_page(self, table: SyncTable, from_pos: int, after: tuple[int, str] | None,
+                         limit: int) -> list[Row]:
+        """Rows with `_pos >= from_pos`, ordered by (`_pos`, id), strictly after `after`; each row
+        carries its commit position in `_pos`. Positions are never reused for a later commit."""
+
+    async def claim_alert(self, alert_id: str, kind: str, body: str, at: datetime) -> bool:
+        """Record an alert; True only for the first claim of `alert_id` (across replicas)."""
 
 
 def open_store(url: str) -> Store:
