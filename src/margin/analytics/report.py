@@ -1,36 +1,24 @@
-"""Spend report over ledger rows: requests, tokens, exact USD, latency percentiles, error rate."""
+"""Spend report over ledger rows in Python: requests, tokens, exact USD, latency percentiles,
+error rate. The reference the warehouse's `queries.spend_by` is tested against; `margin report`
+itself runs in DuckDB (queries.py)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from margin.analytics.filters import parse_since
 from margin.domain import usd
 from margin.ledger.schema import Row
 
+__all__ = ["GROUP_COLUMNS", "check_by", "parse_since", "percentile", "spend"]
+
 GROUP_COLUMNS = ("org", "team", "user", "app", "env", "key_id", "model", "requested_model", "provider",
                  "endpoint", "workflow", "run_id", "status", "usage_source", "day", "hour")
-_SINCE = re.compile(r"^(\d+)([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """`30m`, `24h`, `7d`, `2w`, or an ISO date/time (UTC if no zone)."""
-    now = now or datetime.now(UTC)
-    m = _SINCE.match(text.strip())
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"--since {text!r}: use 30m, 24h, 7d, 2w or an ISO date like 2026-11-01") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def check_by(by: list[str]) -> list[str]:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from decimal import Decimal
 from pathlib import Path
 
 import typer
 
 from margin import __version__
-from margin.cli import budgets, cache, keys, router
+from margin.cli import budgets, cache, export, forecast, keys, report, router
 from margin.cli import plan as plan_cli
-from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
-from margin.domain import usd
+from margin.cli import replay as replay_cli
+from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_table
 
 app = typer.Typer(help="margin: meter, price and control every LLM call.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -21,7 +19,12 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(budgets.app, name="budgets")
 app.add_typer(router.app, name="router")
 app.add_typer(cache.app, name="cache")
+app.add_typer(report.app, name="report")
+app.add_typer(forecast.app, name="forecast")
+app.add_typer(export.app, name="export")
 app.add_typer(plan_cli.app, name="plan")
+app.command("replay")(replay_cli.replay_command)
+export.app.command("trace", help="The ledger as a replayable trace (margin trace JSONL).")(replay_cli.export_trace)
 config_app = typer.Typer(help="Validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -74,55 +77,6 @@ def serve(
                   f"(ledger {cfg.ledger.url}, {len(cfg.models)} models)", highlight=False)
     uvicorn.run(application, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
                 access_log=False, log_level=log_level, timeout_graceful_shutdown=30)
-
-
-@app.command()
-def report(
-    config: Path = CONFIG_OPT,
-    since: str = typer.Option("7d", help="30m, 24h, 7d, 2w or an ISO date"),
-    by: str = typer.Option("team,model", help="Comma list: team, model, provider, user, app, env, day, tag:<k> ..."),
-    format: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
-    json: bool = typer.Option(False, "--json", help="Same as --format json"),
-) -> None:
-    """Spend, tokens, requests, p50/p95 latency and error rate from the ledger."""
-    from margin.analytics.report import check_by, parse_since, spend
-    from margin.ledger import open_store
-
-    cfg = config_or_exit(config)
-    fmt = "json" if json else format
-    if fmt not in ("table", "json", "csv"):
-        fail("--format must be table, json or csv")
-    try:
-        start = parse_since(since)
-        cols = check_by([b.strip() for b in by.split(",") if b.strip()])
-    except ValueError as e:
-        fail(str(e))
-        raise
-
-    async def fetch() -> list[dict[str, object]]:
-        store = open_store(cfg.ledger.url)
-        await store.open()
-        try:
-            return await store.fetch_events(since=start)
-        finally:
-            await store.close()
-
-    rows = spend(asyncio.run(fetch()), cols)
-    if fmt == "json":
-        print_json({"since": start.isoformat(), "by": cols, "rows": rows})
-    elif fmt == "csv":
-        import csv
-        import sys
-
-        if rows:
-            w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    else:
-        total = sum((Decimal(r["cost_usd"]) for r in rows), Decimal(0))
-        print_table(rows, f"spend since {start:%Y-%m-%d %H:%M} UTC by {', '.join(cols)} - total ${usd(total)}",
-                    [*cols, "requests", "error_rate", "input_tokens", "cached_input_tokens", "output_tokens",
-                     "cost_usd", "p50_ms", "p95_ms"])
 
 
 def _register_mock() -> None:

@@ -268,6 +268,12 @@ class MarginApp:
                     for m in self.cfg.models if not key.models or m.name in key.models]
             data += [{"id": g.name, "object": "model", "created": 0, "owned_by": "margin"} for g in self.cfg.groups]
             return 200, JSON_HEADERS, orjson.dumps({"object": "list", "data": data})
+        if path.removesuffix("/") in ("/v1/outcomes", "/outcomes"):
+            if method != "POST":
+                raise MethodNotAllowed(f"{path} takes POST, not {method}")
+            from margin.gateway import outcomes
+
+            return await outcomes.handle(self, headers, await self._read_body(headers, receive))
         if path.startswith("/admin/"):
             body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
             return await admin.handle(self, method, path, headers, body)
