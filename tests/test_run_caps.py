@@ -163,6 +163,7 @@ def test_tool_call_cap_escalates_once_then_stops(capped: Any) -> None:
     for _ in range(2):
         r = _chat(gw, key, "agent-7", "turn 9", workflow="tools", tools=True)
         assert r.status_code == 429 and _error(r)["param"] == "max_tool_calls"
+    assert [e["tool_calls"] for e in gw.events(expect=5) if e["run_id"] == "agent-7"] == [2, 2, 2, 0, 0]
     deadline = time.monotonic() + 5
     while not hook.received and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -135,6 +135,10 @@ class ProviderConfig(_Strict):
     gguf_package: str | None = None
     n_ctx: int = 4096
     n_threads: int | None = None
+    # The provider has an OpenAI-style /files + /batches API: the batch lane forwards batch items
+    # for its models there, priced at the provider's batch price (pricing/batch.py).
+    batch_api: bool = False
+    batch_discount: Decimal | None = Field(default=None, ge=0, lt=1)  # when genai-prices has no batch price
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ProviderConfig:
@@ -330,6 +334,40 @@ class WorkflowConfig(_Strict):
     baseline: BaselineConfig | None = None
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+class BatchLaneConfig(_Strict):
+    """The batch lane (docs/batch.md): OpenAI-style /v1/files + /v1/batches and deferred requests,
+    run by a worker in every replica within `windows` and its own rate limits."""
+
+    enabled: bool = False
+    windows: list[str] = Field(default_factory=list)  # "22:00-06:00" in `timezone`; empty: always open
+    timezone: str = "UTC"
+    max_concurrency: int = Field(default=8, ge=1)  # items in flight per replica
+    requests_per_minute: int = Field(default=0, ge=0)  # per replica; 0: no limit beyond budgets' own
+    # X-Margin-Priority: low -> 202 + job id: never, only while the window is shut, or always.
+    defer_low_priority: Literal["never", "outside_window", "always"] = "outside_window"
+    deferred_window: str = Field(default="24h", pattern=r"^\d+[mh]$")  # a deferred request expires after
+    max_attempts: int = Field(default=5, ge=1)  # runs that failed transiently (5xx, timeouts) before giving up
+    lease_s: float = Field(default=60.0, gt=0)  # a dead replica's items are taken over after this
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    provider_poll_s: float = Field(default=30.0, gt=0)  # how often a provider batch is polled
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_requests: int = Field(default=50_000, ge=1)  # per batch file (OpenAI's limit)
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchLaneConfig:
+        for w in self.windows:
+            if not _WINDOW.match(w):
+                raise ValueError(f"batch_lane window {w!r} is not HH:MM-HH:MM (24 h clock, e.g. 22:00-06:00)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"batch_lane: unknown time zone {self.timezone!r}") from None
+        return self
+
+
 class Config(_Strict):
     admin_key: str | None = None
     providers: list[ProviderConfig]
@@ -351,6 +389,7 @@ class Config(_Strict):
     groups: list[GroupConfig] = Field(default_factory=list)
     retry: RetryConfig = RetryConfig()
     circuit_breaker: BreakerConfig = BreakerConfig()
+    batch_lane: BatchLaneConfig = BatchLaneConfig()
     # Outcomes and baselines (analytics)
     workflows: list[WorkflowConfig] = Field(default_factory=list)
 

@@ -12,16 +12,19 @@ from typing import Any
 
 import orjson
 
-from margin.config import CompressConfig, Config, ModelConfig
+from margin import wiring
+from margin.config import CompressConfig, Config
 from margin.domain import Endpoint
 from margin.gateway import admin
 from margin.gateway.auth import KeyRing
+from margin.gateway.batch_worker import BatchLane
+from margin.gateway.batches import PREFIXES as BATCH_PREFIXES
+from margin.gateway.batches import handle as handle_batches
 from margin.gateway.budgets import BudgetGuard, recover_spend
 from margin.gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from margin.gateway.health import Breakers
 from margin.gateway.pipeline import JSON_HEADERS, Headers, Pipeline
 from margin.ledger import LedgerWriter, Spool, open_store
-from margin.policy.route import Group, Rule, Target
 from margin.pricing import PriceBook
 from margin.providers import make_provider
 from margin.providers.base import Provider
@@ -97,13 +100,8 @@ class MarginApp:
         self.keys = KeyRing(self.store, cfg.key_cache_ttl_s)
         self.prices = PriceBook(cfg.models)
         self.providers: dict[str, Provider] = {p.name: make_provider(p) for p in cfg.providers}
-        self.targets = {m.name: self._target(m) for m in cfg.models}
-        self.groups = {g.name: Group(g.name, tuple(g.candidates), g.strategy,
-                                     tuple(Rule(r.model, tuple(sorted(r.tags.items())), r.key, r.team, r.tier, r.tools,
-                                                r.prompt_tokens_gt, r.prompt_tokens_lte) for r in g.rules),
-                                     tuple(g.weights.items()), g.verify_regex, g.verify_json, g.reference,
-                                     g.verify_min_logprob, g.verify_judge, g.judge_instructions)
-                       for g in cfg.groups}
+        self.targets = {m.name: wiring.target(m, self.prices.rates(m.name)) for m in cfg.models}
+        self.groups = {g.name: wiring.group(g) for g in cfg.groups}
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)
         self._refresher: asyncio.Task[None] | None = None
@@ -116,6 +114,9 @@ class MarginApp:
                                  self.guard, self.groups, cfg.retry, self.breakers, self.routers, self.cache,
                                  cfg.cache, compression_routes(cfg))
         self.max_body = cfg.limits.max_body_bytes
+        self.lane: BatchLane | None = None  # the batch lane (issue 5): files, batches, deferred requests
+        if cfg.batch_lane.enabled:
+            self.lane = self.pipeline.lane = BatchLane(self)
 
     @staticmethod
     def _load_routers(cfg: Config) -> dict[str, tuple[Any, dict[str, str]]]:
@@ -127,13 +128,6 @@ class MarginApp:
 
                 out[g.name] = (load_router(g.router), dict(g.router_models))
         return out
-
-    def _target(self, m: ModelConfig) -> Target:
-        r = self.prices.rates(m.name)
-        return Target(m.name, m.provider, m.upstream_id, context_window=m.context_window,
-                      capabilities=frozenset(m.capabilities), tiers=frozenset(m.tiers), quality=m.quality,
-                      input_per_mtok=float(r.input.base), output_per_mtok=float(r.output.base),
-                      fallbacks=tuple(m.fallbacks))
 
     def ledger_stats(self) -> dict[str, float]:
         s = self.writer.stats
@@ -151,6 +145,8 @@ class MarginApp:
             await p.start()
         await self._load_budgets()
         self._refresher = asyncio.create_task(self._refresh_budgets(), name="budget-refresh")
+        if self.lane is not None:
+            await self.lane.start()
         # Start-up objects (config, the genai-prices snapshot, models) live forever: move them out
         # of the collector's reach so full collections under load stay short (p99).
         gc.collect()
@@ -181,6 +177,8 @@ class MarginApp:
     async def shutdown(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self.lane is not None:  # before the writer and providers close: running items finish first
+            await self.lane.stop()
         await self.guard.close()
         await self.writer.close()
         for p in self.providers.values():
@@ -247,7 +245,10 @@ class MarginApp:
                 await self.pipeline.handle(endpoint, headers, body, out)
                 await out.finish()
                 return
-            status, hdrs, payload = await self._other(method, path, headers, receive)
+            if path.startswith(BATCH_PREFIXES):  # the batch lane (issue 5); needs the query string
+                status, hdrs, payload = await handle_batches(self, method, path, scope, headers, receive)
+            else:
+                status, hdrs, payload = await self._other(method, path, headers, receive)
             await out.respond(status, hdrs, payload)
         except GatewayError as e:
             await out.respond(e.status, JSON_HEADERS, e.body())

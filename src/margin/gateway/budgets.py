@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,20 +15,19 @@ from typing import Any
 import aiohttp
 import orjson
 
-from margin.config import BudgetConfig, Config, RateLimitConfig, RunCapConfig
+from margin.config import BudgetConfig, Config
 from margin.domain import Attribution, Call, Event, RouteDecision
-from margin.domain.budget import Budget, BudgetUnit, CounterState, Hold, RateLimit, RunCap, Threshold, to_units
+from margin.domain.budget import Budget, CounterState, Hold, Threshold, to_units
 from margin.gateway.errors import GatewayError
 from margin.policy import agents
 from margin.policy import budget as policy
 from margin.pricing import PriceBook
 from margin.state import MemoryState, State, StateUnavailable
 from margin.telemetry import Telemetry
+from margin.wiring import to_budget, to_rate_limit, to_run_cap
 
 log = logging.getLogger("margin.budgets")
 SETTLE_BATCH_S = 0.002
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class BudgetRefused(GatewayError):
@@ -42,33 +40,6 @@ class RunLimitExceeded(GatewayError):
 
 class StateDown(GatewayError):
     status, type, code = 503, "api_error", "budget_state_unavailable"
-
-
-def duration_s(text: str) -> int:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a duration like 30m, 24h, 7d")
-    return int(m.group(1)) * _SECONDS[m.group(2)]
-
-
-def to_budget(c: BudgetConfig) -> Budget:
-    unit: BudgetUnit = "usd" if c.limit_usd is not None else "tokens"
-    limit = c.limit_usd if c.limit_usd is not None else Decimal(c.limit_tokens or 0)
-    return Budget(
-        id=c.id, name=c.name, limit=limit, unit=unit, scope=tuple(sorted(c.scope.items())), period=c.period,
-        timezone=c.timezone, rolling_s=duration_s(c.rolling) if c.rolling else 0, custom_start=c.start,
-        custom_end=c.end, webhook=c.webhook,
-        thresholds=tuple(Threshold(t.at, t.action, tuple(t.map.items()), t.priority) for t in c.thresholds),
-    )
-
-
-def to_rate_limit(c: RateLimitConfig) -> RateLimit:
-    return RateLimit(c.id, tuple(sorted(c.scope.items())), c.rpm, c.tpm)
-
-
-def to_run_cap(c: RunCapConfig) -> RunCap:
-    return RunCap(c.id, tuple(sorted(c.scope.items())), c.max_calls, c.max_tool_calls, c.max_usd, c.max_wall_s,
-                  c.max_repeats, c.on_cap, c.webhook, c.run_ttl_s)
 
 
 @dataclass(slots=True)
@@ -124,8 +95,10 @@ class BudgetGuard:
 
     # -- admission ------------------------------------------------------------------------------
     async def admit(self, call: Call, decision: RouteDecision, body_len: int, n_messages: int,
-                    ev: Event, message: str = "") -> Admission | None:
-        """`message`: the hash of the call's newest message (loop detection), when run caps apply."""
+                    ev: Event, message: str = "", ttl_s: float | None = None) -> Admission | None:
+        """`message`: the hash of the call's newest message (loop detection), when run caps apply.
+        `ttl_s`: how long the reservation must outlive a call that is not answered at once (an item
+        in a provider's batch); by default the provider's timeout + 60 s."""
         if not self.active:
             return None
         now = datetime.now(UTC)
@@ -148,7 +121,7 @@ class BudgetGuard:
         # A reservation outlives the longest the call can take, then lapses (a crashed replica
         # cannot hold budget forever).
         prov = next((pc for pc in self.cfg.providers if pc.name == self._provider(p.model)), None)
-        ttl = (prov.timeout_s if prov else 600.0) + 60
+        ttl = ttl_s if ttl_s is not None else (prov.timeout_s if prov else 600.0) + 60
         state, result = await self._reserve(rid, p.holds, now.timestamp(), ttl)
         self.snapshot.update(result.states)
         if not result.ok:
@@ -258,7 +231,7 @@ class BudgetGuard:
         cost, tokens = ev.cost.total_usd, ev.usage.total_tokens
         actual = {h.key: (h.amount if h.unit == "calls" else to_units(cost, "usd") if h.unit == "usd" else tokens)
                   if h.kind == "budget" else (1 if h.key.endswith(":rpm") else tokens) for h in adm.plan.holds}
-        n_tools = sum(int(a.get("n", 0)) for a in ev.actions if a.get("action") == "tool_calls")
+        n_tools = ev.tool_calls
         if adm.tool_counters and n_tools:
             try:
                 for h in adm.tool_counters:

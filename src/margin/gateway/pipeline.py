@@ -351,9 +351,7 @@ class Pipeline:
             input_tokens=estimate_input(call.endpoint, payload),
             output_tokens=count_text(output_text(reply.data)), source="estimated")
         self._meter(ev, decision, usage)
-        n_tools = tool_calls_in(reply.data)
-        if n_tools:
-            ev.actions.append({"action": "tool_calls", "n": n_tools})
+        ev.tool_calls = tool_calls_in(reply.data)
         body = reply.body
         if verify is not None:
             await self._verify(verify, call, payload, reply.data, ev)
@@ -402,8 +400,7 @@ class Pipeline:
                 await out.chunk(b"data: " + err.body() + b"\n\n")
         elif r.upstream_error_event:
             ev.status, ev.error_type = 502, "upstream_error"
-        if r.tool_calls:
-            ev.actions.append({"action": "tool_calls", "n": r.tool_calls})
+        ev.tool_calls = r.tool_calls
         # Provider-reported usage wins whenever it arrived; otherwise bill what was delivered.
         self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
         if store and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from margin.providers import mock_text
+from margin.providers import mock_batches, mock_text
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -149,6 +149,7 @@ class MockApp:
     _rng: Random = field(init=False)
     _faulty: bool = field(init=False)
     _models_body: bytes = field(init=False)
+    batches: mock_batches.MockBatches | None = None  # the batch API, created on first use
 
     def __post_init__(self) -> None:
         o = self.options
@@ -176,6 +177,10 @@ class MockApp:
             await _respond(send, 200, self.last_request)
         elif method == "GET" and path == "/mock/stats":
             await _respond(send, 200, orjson.dumps({"requests": self.requests}))
+        elif path.startswith(mock_batches.PREFIXES):  # OpenAI-style files + batches (mock_batches.py)
+            o = self.options
+            self.batches = self.batches or mock_batches.MockBatches(o.seed, o.output_tokens, o.cached_fraction)
+            await self.batches.handle(method, path, scope, receive, send)
         else:
             await _respond(send, 404, mock_text.error_body(404, f"no route {method} {path}"))
 
