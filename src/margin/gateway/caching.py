@@ -53,7 +53,9 @@ class CacheLever:
         ev.cache_hit = "exact"
         ev.cost = Cost(price_source="cache hit")
         levers.saved(ev, "cache", self.prices.cost(decision.model, saved).total_usd, saved.total_tokens)
-        ev.actions.append({"action": "cache_hit", "lookup_ms": round((time.perf_counter() - t) * 1000, 3)})
+        # The tokens the provider would have processed: exports replay a hit as the request it was.
+        ev.actions.append({"action": "cache_hit", "lookup_ms": round((time.perf_counter() - t) * 1000, 3),
+                           "input_tokens": hit.input_tokens, "output_tokens": hit.output_tokens})
         h = [*route_headers, (b"x-margin-cache", b"hit"), (b"x-margin-cost-usd", b"0")]
         if call.stream:
             await out.start(200, [*SSE_HEADERS, *h])
