@@ -119,7 +119,8 @@ def test_gateway_compresses_meters_savings_and_links_the_summary(mock_upstream: 
         assert r.status_code == 200
         sent = mock_upstream.last_request()
         assert sent["messages"][0] == msgs[0] and sent["messages"][-1] == msgs[-1]
-        assert sent["messages"][1]["role"] == "system" and "Summary of the earlier part" in sent["messages"][1]["content"]
+        summary_note = sent["messages"][1]
+        assert summary_note["role"] == "system" and "Summary of the earlier part" in summary_note["content"]
         assert count_messages(sent["messages"]) < count_messages(msgs)
         rows = gw.events(expect=2)
         main = next(e for e in rows if e["requested_model"] == "support")
