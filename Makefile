@@ -48,6 +48,11 @@ bench: install-base services
 
 soak: install-base services
 	$(BIN)/python bench/overhead.py --rps 500 --duration 600 --rounds 1 --targets direct,margin
+	$(BIN)/python bench/soak.py --out BENCHMARKS.md
+
+.PHONY: audit
+audit: install-base ## known vulnerabilities in the installed, pinned dependencies (needs PyPI's JSON API)
+	$(BIN)/pip-audit --progress-spinner off --skip-editable --strict
 
 clean:
 	rm -rf $(VENV) .venv-litellm .margin build dist src/*.egg-info

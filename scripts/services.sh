@@ -34,3 +34,7 @@ if ! redis_up; then
   for i in $(seq 1 20); do redis_up && break; sleep 0.5; done
 fi
 redis_up && echo "redis: up on 127.0.0.1:6379" || { echo "redis: NOT reachable"; exit 1; }
+# nginx: the load balancer of the cluster harness (bench/cluster) runs its own private nginx
+# processes; only the binary is needed, never the system service.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need nginx
+echo "nginx: $( (command -v nginx || echo /usr/sbin/nginx) | head -1) present"

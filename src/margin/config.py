@@ -384,6 +384,9 @@ class Config(_Strict):
     rate_limits: list[RateLimitConfig] = Field(default_factory=list)
     run_caps: list[RunCapConfig] = Field(default_factory=list)
     budget_refresh_s: float = Field(default=1.0, gt=0)
+    # A reservation lapses this long after its provider's timeout, so a replica that died mid-call
+    # cannot hold budget forever (long enough for a slow call to settle first).
+    reservation_grace_s: float = Field(default=60.0, ge=1)
     cache: CacheConfig = CacheConfig()
     # Routing
     groups: list[GroupConfig] = Field(default_factory=list)

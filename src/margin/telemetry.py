@@ -103,8 +103,10 @@ class Telemetry:
 
     def observe(self, e: Event, upstream_s: float | None = None) -> None:
         op = OPERATION.get(e.endpoint, e.endpoint)
-        genai = (op, e.provider or "none", e.requested_model, e.model or "none")
-        self.requests.labels(e.endpoint, e.model or e.requested_model, str(e.status)).inc()
+        # Label values must come from configuration, never from what a client typed: a refused
+        # request for an unknown model has no model label (bounded cardinality).
+        genai = (op, e.provider or "none", e.requested_model if e.model else "_unrouted", e.model or "none")
+        self.requests.labels(e.endpoint, e.model or "_unrouted", str(e.status)).inc()
         self.duration.labels(*genai, e.error_type).observe(e.latency_ms / 1000)
         if upstream_s is not None:
             self.overhead.labels(e.endpoint).observe(max(0.0, e.latency_ms / 1000 - upstream_s))

@@ -114,6 +114,12 @@ class MarginApp:
                                  self.guard, self.groups, cfg.retry, self.breakers, self.routers, self.cache,
                                  cfg.cache, compression_routes(cfg))
         self.max_body = cfg.limits.max_body_bytes
+        from margin.gateway.payloads import PayloadLog
+
+        # Opted-in keys only (tag log_payloads=true); the pipeline calls payloads.capture.
+        self.payloads = PayloadLog(cfg.ledger.url)
+        self.pipeline.payloads = self.payloads
+        self.reconciler: Any = None  # Redis counters rebuilt from the ledger (gateway/reconcile.py)
         self.lane: BatchLane | None = None  # the batch lane (issue 5): files, batches, deferred requests
         if cfg.batch_lane.enabled:
             self.lane = self.pipeline.lane = BatchLane(self)
@@ -132,7 +138,7 @@ class MarginApp:
     def ledger_stats(self) -> dict[str, float]:
         s = self.writer.stats
         return {"queued": self.writer.queued, "store_up": float(s.store_up), "written": s.written,
-                "spooled": s.spooled, "replayed": s.replayed}
+                "spooled": s.spooled, "replayed": s.replayed, "recovered": s.recovered}
 
     async def startup(self) -> None:
         try:
@@ -144,6 +150,10 @@ class MarginApp:
         for p in self.providers.values():
             await p.start()
         await self._load_budgets()
+        from margin.gateway.reconcile import start_reconciler
+
+        self.reconciler = await start_reconciler(self)
+        await self.payloads.start()
         self._refresher = asyncio.create_task(self._refresh_budgets(), name="budget-refresh")
         if self.lane is not None:
             await self.lane.start()
@@ -177,6 +187,9 @@ class MarginApp:
     async def shutdown(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self.reconciler is not None:
+            await self.reconciler.close()
+        await self.payloads.close()
         if self.lane is not None:  # before the writer and providers close: running items finish first
             await self.lane.stop()
         await self.guard.close()
@@ -260,7 +273,13 @@ class MarginApp:
         if path == "/health":
             return 200, JSON_HEADERS, orjson.dumps({"status": "ok", "ledger": self.ledger_stats(),
                                                     "providers": sorted(self.providers),
-                                                    "circuits": self.breakers.snapshot()})
+                                                    "circuits": self.breakers.snapshot(),
+                                                    **({"budget_state": self.reconciler.stats()}
+                                                       if self.reconciler is not None else {})})
+        if path == "/openapi.json":
+            from margin.gateway.openapi import document_bytes
+
+            return 200, JSON_HEADERS, document_bytes()
         if path == "/metrics":
             return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], self.telemetry.render()
         if path.removesuffix("/") in ("/v1/models", "/models"):

@@ -1,11 +1,16 @@
 """Bearer-key authentication with a short-lived cache in front of the key table.
 
-A positive entry lives `ttl_s` (so a revocation on another replica takes effect within it; on
-this replica at once); unknown keys are cached briefly too, so a flood of bad keys cannot turn
-into a flood of database reads."""
+Only the SHA-256 of a secret is stored, and the cache is keyed by that digest too, so the process
+never indexes anything by the secret itself; the stored hash is compared with the computed one in
+constant time. A cached key is re-read from the store once it is `REVALIDATE_S` old, so a
+revocation on any replica takes effect on every other within about half a second (the guarantee
+is 1 s); concurrent requests with the same key share one store read. A known key keeps working
+while the store is down (stale-while-error), and unknown keys are cached briefly too, so a flood
+of bad keys cannot turn into a flood of database reads."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -15,40 +20,71 @@ from margin.ledger.keys import hash_secret, row_to_key
 from margin.ledger.store import Store, StoreUnavailable
 
 _NEGATIVE_TTL_S = 1.0
+REVALIDATE_S = 0.5  # the longest a cached key is trusted before the store is asked again
+_MAX_ENTRIES = 100_000
 
 
 class KeyRing:
     def __init__(self, store: Store, ttl_s: float = 5.0):
         self.store = store
-        self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[VirtualKey | None, float]] = {}
+        # key_cache_ttl_s may only shorten the revocation bound, never stretch it past 1 s.
+        self.ttl_s = min(ttl_s, REVALIDATE_S)
+        self._cache: dict[str, tuple[VirtualKey | None, float]] = {}  # digest -> (key, fresh until)
+        self._inflight: dict[str, asyncio.Future[VirtualKey | None]] = {}
 
     def forget(self, key_id: str | None = None) -> None:
         if key_id is None:
             self._cache.clear()
             return
-        for secret, (k, _) in list(self._cache.items()):
+        for digest, (k, _) in list(self._cache.items()):
             if k is not None and k.key_id == key_id:
-                del self._cache[secret]
+                del self._cache[digest]
 
     async def lookup(self, secret: str) -> VirtualKey | None:
-        # Keyed by the secret itself: a cache hit skips the SHA-256 (the process holds the
-        # secret in memory for the request anyway; only hashes ever reach storage).
+        digest = hash_secret(secret)
         now = time.monotonic()
-        hit = self._cache.get(secret)
+        hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
+        pending = self._inflight.get(digest)
+        if pending is not None:  # another request is already asking the store for this key
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if pending.cancelled():  # the asking request went away, not this one: ask again
+                    return await self.lookup(secret)
+                raise
+        fut: asyncio.Future[VirtualKey | None] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = fut
         try:
-            row = await self.store.key_by_hash(hash_secret(secret))
+            key = await self._read(digest, hit)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            fut.set_result(key)
+        finally:
+            del self._inflight[digest]
+        return key
+
+    async def _read(self, digest: str, hit: tuple[VirtualKey | None, float] | None) -> VirtualKey | None:
+        try:
+            row = await self.store.key_by_hash(digest)
         except StoreUnavailable:
             if hit is not None and hit[0] is not None:
                 return hit[0]  # stale but known: keep serving through a database outage
             raise KeyStoreUnavailable(
                 "The key store is unavailable and this key is not cached; retry shortly") from None
         key = row_to_key(row) if row else None
-        self._cache[secret] = (key, now + (self.ttl_s if key else _NEGATIVE_TTL_S))
-        if len(self._cache) > 100_000:  # bound memory under a key-guessing flood
+        if key is not None and not hmac.compare_digest(key.key_hash.encode(), digest.encode()):
+            key = None  # a store that matched loosely (collation, trailing spaces) must not let a key in
+        if len(self._cache) >= _MAX_ENTRIES:  # bound memory under a key-guessing flood
             self._cache.clear()
+        self._cache[digest] = (key, time.monotonic() + (self.ttl_s if key else _NEGATIVE_TTL_S))
         return key
 
     async def authenticate(self, authorization: str | None) -> VirtualKey:
@@ -60,7 +96,10 @@ class KeyRing:
         secret = secret.strip()
         key = await self.lookup(secret)
         if key is None:
-            raise Unauthorized(f"Incorrect API key provided: {secret[:6]}...; create one with `margin keys create`")
+            # Echo at most 6 printable characters of what was sent: enough to spot a wrong key,
+            # never enough to leak one (and nothing that could forge a log line).
+            shown = "".join(c for c in secret[:6] if c.isprintable())
+            raise Unauthorized(f"Incorrect API key provided: {shown}...; create one with `margin keys create`")
         if not key.active:
             raise RevokedKey(key)
         return key

@@ -98,7 +98,7 @@ class BudgetGuard:
                     ev: Event, message: str = "", ttl_s: float | None = None) -> Admission | None:
         """`message`: the hash of the call's newest message (loop detection), when run caps apply.
         `ttl_s`: how long the reservation must outlive a call that is not answered at once (an item
-        in a provider's batch); by default the provider's timeout + 60 s."""
+        in a provider's batch); by default the provider's timeout + `reservation_grace_s`."""
         if not self.active:
             return None
         now = datetime.now(UTC)
@@ -121,7 +121,7 @@ class BudgetGuard:
         # A reservation outlives the longest the call can take, then lapses (a crashed replica
         # cannot hold budget forever).
         prov = next((pc for pc in self.cfg.providers if pc.name == self._provider(p.model)), None)
-        ttl = ttl_s if ttl_s is not None else (prov.timeout_s if prov else 600.0) + 60
+        ttl = ttl_s if ttl_s is not None else (prov.timeout_s if prov else 600.0) + self.cfg.reservation_grace_s
         state, result = await self._reserve(rid, p.holds, now.timestamp(), ttl)
         self.snapshot.update(result.states)
         if not result.ok:

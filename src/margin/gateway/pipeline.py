@@ -25,6 +25,7 @@ from margin.gateway.calls import estimate_input, output_text, prompt_text, tool_
 from margin.gateway.compression import CompressLever
 from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
+from margin.gateway.payloads import PayloadLog
 from margin.gateway.request import build_call, parse_json
 from margin.gateway.routing import Router
 from margin.gateway.stream import UPSTREAM_ERRORS, Captured, Out, Recorder, Relayed, Sink, relay
@@ -57,6 +58,7 @@ class _Escalate(Exception):
 
 class Pipeline:
     lane: Any = None  # the batch lane (gateway/batch_worker.BatchLane) when enabled: takes deferrals
+    payloads: PayloadLog | None = None  # prompts and answers of keys that opted in (gateway/payloads.py)
 
     def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
                  keys: KeyRing, writer: LedgerWriter, telemetry: Telemetry, guard: BudgetGuard,
@@ -361,6 +363,8 @@ class Pipeline:
         response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
         await out.respond(200, response_headers, body)
+        if self.payloads is not None:  # opted-in keys only; redacted off the request path
+            self.payloads.capture(call, ev.event_id, payload, output_text(reply.data))
         if store:
             await self.caching.put(store, decision, ev, body=reply.body.decode(errors="replace"))
         return upstream_s
@@ -401,6 +405,8 @@ class Pipeline:
         elif r.upstream_error_event:
             ev.status, ev.error_type = 502, "upstream_error"
         ev.tool_calls = r.tool_calls
+        if self.payloads is not None:
+            self.payloads.capture(call, ev.event_id, payload, "".join(r.pieces))
         # Provider-reported usage wins whenever it arrived; otherwise bill what was delivered.
         self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
         if store and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:

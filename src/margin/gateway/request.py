@@ -8,10 +8,21 @@ from typing import Any
 import orjson
 
 from margin.domain import Attribution, Call, Endpoint, VirtualKey
-from margin.gateway.errors import BadRequest
+from margin.gateway.errors import BadRequest, Forbidden
 
 MAX_TAGS = 20
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# Control characters (and DEL) never enter a value margin keeps: header values, tags and names go
+# to the ledger, spans and logs, where a newline or an escape sequence could forge a line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_HEADER_VALUE = 256
+MAX_MESSAGES = 4096  # hard ceiling on a chat request's messages; a key tag max_messages lowers it
+MAX_MODEL_NAME = 256
+# Key tags that are policy, not attribution: only an administrator sets them (on the key); a
+# request's X-Margin-Tags may not, or a client could lift its own limits or logging choice.
+RESERVED_TAGS = frozenset({"log_payloads", "max_tokens", "max_messages"})
+_RUN_HEADERS = ("x-margin-run-id", "x-margin-workflow", "x-margin-agent", "x-margin-step", "x-margin-tool",
+                "x-margin-priority", "x-request-id")
 _REQUIRED: dict[str, tuple[str, str]] = {
     "chat": ("messages", "a non-empty array of message objects"),
     "completion": ("prompt", "a string or an array of strings/tokens"),
@@ -37,6 +48,9 @@ def _check_fields(endpoint: Endpoint, p: dict[str, Any]) -> None:
         raise BadRequest("Missing required parameter: 'model'", param="model", code="missing_required_parameter")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string", param="model", code="invalid_type")
+    if len(model) > MAX_MODEL_NAME or _CONTROL.search(model):
+        raise BadRequest(f"'model' must be at most {MAX_MODEL_NAME} characters without control characters",
+                         param="model", code="invalid_value")
     field, what = _REQUIRED[endpoint]
     value = p.get(field)
     if value is None:
@@ -75,9 +89,9 @@ def parse_tags(header: str | None) -> tuple[tuple[str, str], ...]:
         if not sep or not _TAG_KEY.match(k):
             raise BadRequest(f"X-Margin-Tags: '{item}' is not key=value with a key of letters, digits, '_.-' "
                              "(at most 64)", param="X-Margin-Tags", code="invalid_tags")
-        if len(v) > 128:
-            raise BadRequest(f"X-Margin-Tags: the value of '{k}' is longer than 128 characters",
-                             param="X-Margin-Tags", code="invalid_tags")
+        if len(v) > 128 or _CONTROL.search(v):
+            raise BadRequest(f"X-Margin-Tags: the value of '{k}' must be at most 128 characters without "
+                             "control characters", param="X-Margin-Tags", code="invalid_tags")
         tags[k] = v
     if len(tags) > MAX_TAGS:
         raise BadRequest(f"X-Margin-Tags: at most {MAX_TAGS} tags per request (got {len(tags)})",
@@ -95,13 +109,62 @@ def attribution_for(key: VirtualKey, request_tags: tuple[tuple[str, str], ...]) 
 _TIERS = ("premium", "standard", "batch")
 
 
+def check_headers(headers: dict[str, str]) -> None:
+    """Run/trace headers are kept verbatim (ledger, spans): bounded, and no control characters."""
+    for name in _RUN_HEADERS:
+        v = headers.get(name)
+        if v is not None and (len(v) > MAX_HEADER_VALUE or _CONTROL.search(v)):
+            raise BadRequest(f"{name}: at most {MAX_HEADER_VALUE} characters without control characters",
+                             param=name, code="invalid_header")
+
+
+def _key_limit(key: VirtualKey, name: str) -> int | None:
+    raw = dict(key.tags).get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        # Fail closed: a limit the administrator meant to set must not silently become no limit.
+        raise Forbidden(f"The key {key.key_id} has an invalid '{name}' tag ({raw!r}); an administrator must fix it",
+                        code="key_misconfigured")
+    return int(raw)
+
+
+def apply_key_limits(endpoint: Endpoint, payload: dict[str, Any], key: VirtualKey) -> None:
+    """Per-key ceilings (key tags `max_tokens`, `max_messages`). A request above the key's
+    `max_tokens` is refused; one without `max_tokens` gets the ceiling, so it is always bounded."""
+    if endpoint == "chat":
+        cap = min(MAX_MESSAGES, _key_limit(key, "max_messages") or MAX_MESSAGES)
+        n = len(payload["messages"])
+        if n > cap:
+            raise BadRequest(f"'messages' has {n} messages; this key allows at most {cap}", param="messages",
+                             code="too_many_messages")
+    if endpoint == "embedding":
+        return
+    ceiling = _key_limit(key, "max_tokens")
+    if ceiling is None:
+        return
+    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    if asked is None:
+        payload["max_tokens"] = ceiling
+    elif asked > ceiling:
+        name = "max_completion_tokens" if payload.get("max_completion_tokens") else "max_tokens"
+        raise BadRequest(f"'{name}' is {asked}; this key allows at most {ceiling} output tokens", param=name,
+                         code="max_tokens_too_large")
+
+
 def build_call(endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str], key: VirtualKey) -> Call:
     _check_fields(endpoint, payload)
+    check_headers(headers)
+    apply_key_limits(endpoint, payload, key)
     tier = headers.get("x-margin-tier")
     if tier is not None and tier not in _TIERS:
         raise BadRequest(f"X-Margin-Tier must be one of {', '.join(_TIERS)}, not '{tier}'", param="X-Margin-Tier",
                          code="invalid_tier")
     tags = parse_tags(headers.get("x-margin-tags"))
+    reserved = sorted(k for k, _ in tags if k in RESERVED_TAGS)
+    if reserved:
+        raise BadRequest(f"X-Margin-Tags: {', '.join(reserved)} can only be set on the key by an administrator",
+                         param="X-Margin-Tags", code="invalid_tags")
     attribution = attribution_for(key, tags)
     tag_map = dict(attribution.tags)
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")

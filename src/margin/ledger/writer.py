@@ -3,14 +3,28 @@
 One task owns the store: it drains a bounded queue in batches; when the store fails it spools
 the batch to disk (fsync) and keeps spooling until a retry succeeds, then replays the spool.
 Because that one task does both writing and replay, no row can slip between a replay and a
-new live spool file. Nothing is dropped: a full queue spools inline, a clean shutdown drains."""
+new live spool file. Nothing is dropped: a full queue spools inline, a clean shutdown drains.
+
+A process killed outright (SIGKILL, OOM killer) loses its memory, queue included. So each row
+is also written to a journal file as it is queued: a plain write(2), no fsync, which costs a few
+microseconds and survives the death of the process (the kernel owns the page cache), though not
+of the machine. Journal segments are deleted once their rows are stored or spooled; at start a
+writer moves the segments of dead writers (their flock is free) into the spool, and the spool's
+idempotent replay does the rest."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
 
 from margin.domain import Event
 from margin.ledger.schema import Row, event_to_row
@@ -20,6 +34,94 @@ from margin.ledger.store import Store
 log = logging.getLogger("margin.ledger")
 
 
+class Journal:
+    """Write-ahead copies of queued rows, in segments `journal-<owner>-<n>.jsonl` beside the spool,
+    guarded by `journal-<owner>.lock` (flock held for the writer's life)."""
+
+    SEGMENT_ROWS = 4096
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._lock_path = directory / f"journal-{self.owner}.lock"
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.seq = 0  # rows written so far
+        self.errors = 0
+        self._n = 0
+        self._rows = 0  # rows in the open segment
+        self._sealed: list[tuple[int, Path]] = []  # (last seq in it, path)
+        self._path = self._segment(0)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def _segment(self, n: int) -> Path:
+        return self.dir / f"journal-{self.owner}-{n:06d}.jsonl"
+
+    def write(self, row: Row) -> int:
+        self.seq += 1
+        try:
+            os.write(self._fd, orjson.dumps(row) + b"\n")
+        except OSError:  # disk full: the row still goes on through the queue; only the net is gone
+            self.errors += 1
+        self._rows += 1
+        if self._rows >= self.SEGMENT_ROWS:
+            os.close(self._fd)
+            self._sealed.append((self.seq, self._path))
+            self._n += 1
+            self._rows = 0
+            self._path = self._segment(self._n)
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return self.seq
+
+    def handled(self, seq: int) -> None:
+        """Every row up to `seq` is in the store or the spool: drop the segments holding only those."""
+        while self._sealed and self._sealed[0][0] <= seq:
+            with contextlib.suppress(OSError):
+                self._sealed.pop(0)[1].unlink()
+        if seq >= self.seq and self._rows:
+            os.ftruncate(self._fd, 0)  # O_APPEND: the next write lands at the new end
+            self._rows = 0
+
+    def close(self) -> None:
+        """After a clean drain: nothing in the journal is still needed."""
+        self.handled(self.seq)
+        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self._path.unlink()
+        self._lock_path.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+    @staticmethod
+    def recover(directory: Path, spool: Spool, own: str = "") -> int:
+        """Move the rows of writers that died (SIGKILL) into the spool; returns how many."""
+        moved = 0
+        owners = {p.name.removeprefix("journal-").removesuffix(".lock") for p in directory.glob("journal-*.lock")}
+        owners |= {p.name.removeprefix("journal-").rsplit("-", 1)[0] for p in directory.glob("journal-*.jsonl")}
+        for owner in sorted(owners - {own}):
+            lock = directory / f"journal-{owner}.lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer (another process sharing this directory)
+                for seg in sorted(directory.glob(f"journal-{owner}-*.jsonl")):
+                    for rows in Spool.read(seg):
+                        spool.append(rows)  # fsync'd before the segment goes
+                        moved += len(rows)
+                    seg.unlink()
+                lock.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return moved
+
+
+def _latest(row: Row, event: Event) -> Row:
+    if event.actions:
+        row["actions"] = orjson.dumps(event.actions).decode()
+    return row
+
+
 @dataclass
 class WriterStats:
     written: int = 0
@@ -27,6 +129,7 @@ class WriterStats:
     replayed: int = 0
     rejected: int = 0
     overflowed: int = 0
+    recovered: int = 0  # rows found in the journals of killed writers at start
     store_up: bool = True
 
 
@@ -39,6 +142,7 @@ class LedgerWriter:
         flush_interval_s: float = 0.05,
         queue_size: int = 20000,
         retry_interval_s: float = 1.0,
+        journal: bool = True,
     ):
         self.store = store
         self.spool = spool
@@ -46,7 +150,10 @@ class LedgerWriter:
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
         self.stats = WriterStats()
-        self._q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=queue_size)
+        self._q: asyncio.Queue[tuple[int, Row, Event] | None] = asyncio.Queue(maxsize=queue_size)
+        self._journal_on = journal
+        self.journal: Journal | None = None
+        self._pending_seq = 0  # highest journal seq among rows not yet stored or spooled
         self._task: asyncio.Task[None] | None = None
         self._down = False
         self._dirty = False  # rows went to the spool while the store was up (queue overflow)
@@ -56,17 +163,21 @@ class LedgerWriter:
 
     # -- producer side (hot path) -------------------------------------------------------------
     def append(self, event: Event) -> None:
-        try:
-            self._q.put_nowait(event)
-        except asyncio.QueueFull:
+        # The row is taken now (the journal needs it); only `actions` may still grow afterwards
+        # (settlement notes an overrun), so the writer refreshes that one field when it writes.
+        row = event_to_row(event)
+        if self._q.full():
             # Overload: the request pays an fsync rather than the ledger losing a row.
             self.stats.overflowed += 1
             self._dirty = True
             try:
-                self.spool.append([event_to_row(event)])
+                self.spool.append([row])
                 self.stats.spooled += 1
             except OSError:
-                self._unsaved.append(event_to_row(event))
+                self._unsaved.append(row)
+            return
+        seq = self.journal.write(row) if self.journal is not None else 0
+        self._q.put_nowait((seq, row, event))
 
     @property
     def queued(self) -> int:
@@ -74,6 +185,12 @@ class LedgerWriter:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        if self._journal_on and self.journal is None:
+            self.stats.recovered = await asyncio.to_thread(Journal.recover, self.spool.dir, self.spool)
+            if self.stats.recovered:
+                log.warning("ledger: %d events from a killed writer's journal moved to the spool for replay",
+                            self.stats.recovered)
+            self.journal = Journal(self.spool.dir)
         if self.spool.count() > 0:  # left over from an outage or a crash: replay first
             self._down, self._next_retry = True, 0.0
             self.stats.store_up = False
@@ -90,6 +207,9 @@ class LedgerWriter:
                 await self._q.put(None)  # the writer is alive and draining: room will come
             await self._task
         self._task = None
+        if self.journal is not None and not self._unsaved:
+            self.journal.close()
+            self.journal = None
 
     async def flush(self, timeout_s: float = 10.0) -> None:
         """Wait until every event appended so far has been written or spooled (for tests/CLI)."""
@@ -104,19 +224,23 @@ class LedgerWriter:
             self._idle.set()
             batch, stopping = await self._next_batch(stopping)
             self._idle.clear()
+            if batch:
+                self._pending_seq = max(self._pending_seq, batch[-1][0])
+            rows = self._unsaved + [_latest(r, e) for _, r, e in batch]
+            self._unsaved = []
             try:
                 if (self._down or self._dirty) and time.monotonic() >= self._next_retry:
                     await self._recover()
-                rows = self._unsaved + [event_to_row(e) for e in batch]
-                self._unsaved = []
                 if rows:
                     await self._write(rows)
+                if self.journal is not None:
+                    self.journal.handled(self._pending_seq)
                 if stopping and self._q.empty() and (self._down or self._dirty):
                     await self._recover()
             except Exception as e:
                 # Neither store nor disk would take the rows (e.g. disk full): keep them in memory
                 # and try again; the task must never die, or everything after would be lost.
-                self._unsaved.extend(rows if "rows" in locals() else [])
+                self._unsaved = rows + self._unsaved
                 log.error("ledger writer: could not store or spool %d rows, retrying: %s", len(self._unsaved), e)
                 await asyncio.sleep(self.retry_interval_s)
                 if not stopping:
@@ -127,8 +251,8 @@ class LedgerWriter:
                 self._idle.set()
                 return
 
-    async def _next_batch(self, stopping: bool) -> tuple[list[Event], bool]:
-        batch: list[Event] = []
+    async def _next_batch(self, stopping: bool) -> tuple[list[tuple[int, Row, Event]], bool]:
+        batch: list[tuple[int, Row, Event]] = []
         if not stopping:
             timeout = self.retry_interval_s if self._down else None
             try:

@@ -233,6 +233,8 @@ def affordable_output(applied: Sequence[Applied], snapshot: Mapping[str, Counter
                       model: str, prompt_bound: int, model_max_output: int) -> int:
     """The largest output cap whose worst case fits every budget's remaining room (binary search:
     cliff-tiered prices are monotone but not linear)."""
+    if all(_fits(a, snapshot, price, model, prompt_bound, model_max_output) for a in applied):
+        return model_max_output  # the common case far from any limit: skip the search
     lo, hi = 0, model_max_output
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -112,7 +112,7 @@ class OpenAIHTTPProvider:
             raise UpstreamConnectionError(f"{self.name}: {type(e).__name__}: {e}") from None
         if status >= 400:
             msg, etype = error_message(status, body)
-            raise UpstreamError(status, msg, etype or "upstream_error", body, retry_after)
+            raise UpstreamError(status, self._redact(msg), etype or "upstream_error", body, retry_after)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -125,6 +125,12 @@ class OpenAIHTTPProvider:
             )
         return Reply(status, body, data)
 
+    def _redact(self, message: str) -> str:
+        """Some upstreams quote the credential they were sent in their error messages; margin's
+        provider key must never reach a client or a log line."""
+        key = self.cfg.api_key
+        return message.replace(key, "[REDACTED]") if key and len(key) >= 8 else message
+
     async def stream(
         self, endpoint: Endpoint, payload: dict[str, Any], headers: Mapping[str, str] | None = None
     ) -> AsyncIterator[Chunk]:
@@ -136,7 +142,7 @@ class OpenAIHTTPProvider:
                 if resp.status >= 400:
                     body = await resp.read()
                     msg, etype = error_message(resp.status, body)
-                    raise UpstreamError(resp.status, msg, etype or "upstream_error", body,
+                    raise UpstreamError(resp.status, self._redact(msg), etype or "upstream_error", body,
                                         _retry_after(resp.headers.get("Retry-After")))
                 done = False
                 data_lines: list[bytes] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from margin.domain.budget import CounterState, Hold, ReserveResult
 from margin.state.base import StateUnavailable
-from margin.state.redis_scripts import RESERVE, SETTLE, SNAPSHOT
+from margin.state.redis_scripts import REBUILD, RESERVE, RESTORE, SETTLE, SNAPSHOT
 
 # A reservation record outlives its ttl so that a late settle (a slow stream whose reservation
 # lapsed) still records its spend, as MemoryState does; after this it is garbage.
@@ -33,6 +34,12 @@ RECORD_GRACE_S = 86_400.0
 FIRED_MIN_TTL_S = 60.0  # mark_fired with a past expiry must still dedupe for a while
 RECOVERY_RID = "__recovery__"  # the rid MemoryState.add_spent settles under
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+MAX_UNSETTLED = 100_000  # settlements kept for retry while Redis is unreachable
+
+
+class StateNotReady(StateUnavailable):
+    """Redis answers but its counters are gone (restarted without its data) and have not been
+    rebuilt from the ledger yet: as unsafe to reserve against as an unreachable Redis."""
 
 
 def _f(x: float) -> str:
@@ -67,14 +74,16 @@ class RedisState:
         prefix: str = "margin:",
         timeout_s: float = 0.5,
         max_connections: int = 64,
+        pool_wait_s: float = 2.0,
     ) -> None:
         self._prefix = prefix
-        # Blocking pool: a burst waits (up to timeout_s) for a connection instead of failing at once.
+        # Blocking pool: a burst waits (up to pool_wait_s) for a connection instead of failing at
+        # once; waiting for a free connection is safe, unlike a command timeout, so it may be longer.
         # No retries: a command that timed out may have run, and reserve/add_spent are not idempotent.
         self._pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_s,
+            timeout=max(timeout_s, pool_wait_s),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
@@ -86,6 +95,14 @@ class RedisState:
         self._reserve: AsyncScript = self._redis.register_script(RESERVE)
         self._settle: AsyncScript = self._redis.register_script(SETTLE)
         self._snapshot: AsyncScript = self._redis.register_script(SNAPSHOT)
+        self._restore: AsyncScript = self._redis.register_script(RESTORE)
+        self._rebuild: AsyncScript = self._redis.register_script(REBUILD)
+        # Set by gateway/reconcile.py: reservations need the `ready` marker (counters rebuilt from
+        # the ledger), and this replica remembers what it has in flight so it can put it back.
+        self.require_ready = False
+        self.on_not_ready: Callable[[], None] | None = None
+        self._inflight: dict[str, tuple[str, float, str]] = {}  # rid -> (budget holds JSON, lapse at, record ms)
+        self._unsettled: list[tuple[str, dict[str, int], float]] = []
 
     async def _run(self, what: str, script: AsyncScript, args: list[str]) -> list[Any]:
         try:
@@ -98,15 +115,27 @@ class RedisState:
         """All holds or none; states are the counters just before this reservation."""
         record_at = math.ceil((float(now) + float(ttl_s) + RECORD_GRACE_S) * 1000)
         flat = await self._run(
-            "reserve", self._reserve, [_f(now), rid, _f(ttl_s), _encode(holds), str(record_at)]
+            "reserve", self._reserve,
+            [_f(now), rid, _f(ttl_s), _encode(holds), str(record_at), "1" if self.require_ready else "0"],
         )
+        if int(flat[0]) == -1:
+            if self.on_not_ready is not None:
+                self.on_not_ready()
+            raise StateNotReady(f"Redis at {self._where} has lost its budget counters; they are being rebuilt "
+                                "from the ledger")
         ok, failed_key, retry_after = int(flat[0]) == 1, str(flat[1]), float(flat[2])
+        if ok and self.require_ready:
+            budget = [h for h in holds if h.kind == "budget"]
+            if budget:
+                self._inflight[rid] = (_encode(budget), float(now) + float(ttl_s), str(record_at))
         return ReserveResult(ok, failed_key, _states(flat, 3), retry_after_s=retry_after)
 
     async def settle(self, rid: str, actual: dict[str, int], now: float) -> dict[str, CounterState]:
         """Spend `actual` on the reservation's budget keys, return unused bucket tokens; returns the
         post-settle state of each budget key. Unknown (or garbage-collected) ids settle nothing."""
-        return await self._settle_call(rid, actual, now, "")
+        states = await self._settle_call(rid, actual, now, "")
+        self._inflight.pop(rid, None)
+        return states
 
     async def _settle_call(self, rid: str, actual: dict[str, int], now: float, inline: str) -> dict[str, CounterState]:
         used = orjson.dumps({k: int(v) for k, v in actual.items()}).decode()
@@ -123,8 +152,59 @@ class RedisState:
                     await self._settle(keys=[], args=[self._prefix, _f(now), rid, used, ""], client=pipe)
                 results = await pipe.execute()
         except _UNAVAILABLE as e:
+            # Kept and sent again once Redis answers (settling is idempotent by rid: the script
+            # deletes the reservation record, so a repeat settles nothing), or the spend would be
+            # missing from the counters for good while the ledger has it.
+            self._unsettled.extend(items)
+            del self._unsettled[:-MAX_UNSETTLED]
             raise StateUnavailable(f"Redis at {self._where} unavailable during settle: {type(e).__name__}: {e}") from e
+        for rid, _, _ in items:
+            self._inflight.pop(rid, None)
         return [_states(list(r), 0) for r in results]
+
+    # -- reconciliation after Redis lost its data (driven by gateway/reconcile.py) --------------
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._redis.exists(self._prefix + "ready"))
+        except _UNAVAILABLE as e:
+            raise StateUnavailable(f"Redis at {self._where} unavailable: {e}") from e
+
+    def prune_inflight(self, now: float) -> None:
+        for rid in [r for r, (_, lapse, _) in self._inflight.items() if lapse <= now]:
+            del self._inflight[rid]
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def retry_unsettled(self) -> int:
+        items, self._unsettled = self._unsettled, []
+        if items:
+            await self.settle_many(items)  # puts them back on failure
+        return len(items)
+
+    async def restore_inflight(self, now: float) -> int:
+        """Put back this replica's live reservations (after Redis came back empty)."""
+        self.prune_inflight(now)
+        items = [[rid, lapse, holds, rec] for rid, (holds, lapse, rec) in self._inflight.items()]
+        if not items:
+            return 0
+        try:
+            n = await self._restore(keys=[], args=[self._prefix, _f(now), orjson.dumps(items).decode()])
+        except _UNAVAILABLE as e:
+            raise StateUnavailable(f"Redis at {self._where} unavailable during restore: {e}") from e
+        return int(n)
+
+    async def rebuild(self, spend: list[tuple[Hold, int]], now: float, token: str) -> bool:
+        """Add the ledger's spend per counter and set the ready marker, atomically; False if another
+        replica got there first (then nothing is added)."""
+        items = [[[h.key, h.kind, int(h.limit), int(h.amount), float(h.expires_at), float(h.window_s)], int(u)]
+                 for h, u in spend]
+        try:
+            done = await self._rebuild(keys=[], args=[self._prefix, _f(now), token, orjson.dumps(items).decode()])
+        except _UNAVAILABLE as e:
+            raise StateUnavailable(f"Redis at {self._where} unavailable during rebuild: {e}") from e
+        return int(done) == 1
 
     async def snapshot(self, holds: list[Hold], now: float) -> dict[str, CounterState]:
         flat = await self._run("snapshot", self._snapshot, [_f(now), _encode(holds)])

@@ -122,9 +122,12 @@ local function push_state(out, h, lvl)
 end
 """.replace("__ROLLING__", str(ROLLING_BUCKETS)).replace("__SLACK__", str(EXPIRY_SLACK_S))
 
-# ARGV: prefix, now, rid, ttl_s, holds JSON, record expiry (ms). Returns {ok, failed_key, retry_after, states...}
+# ARGV: prefix, now, rid, ttl_s, holds JSON, record expiry (ms), require ready ('1' or absent).
+# Returns {ok, failed_key, retry_after, states...}; ok = -1: the counters are not there (Redis lost
+# its data and nobody has rebuilt them from the ledger yet, see gateway/reconcile.py).
 RESERVE = _PRELUDE + """
 local rid, ttl, raw = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+if ARGV[7] == '1' and redis.call('EXISTS', P .. 'ready') == 0 then return {-1, '', '0'} end
 local holds = cjson.decode(raw)
 local out = {1, '', '0'}
 for _, h in ipairs(holds) do  -- check every hold first: all or nothing
@@ -210,4 +213,48 @@ for _, h in ipairs(cjson.decode(ARGV[3])) do
 end
 expire_touched()
 return out
+"""
+
+# ARGV: prefix, now, JSON [[rid, lapse_at, holds JSON (budget holds only), record expiry ms], ...].
+# Puts back reservations a replica still has in flight after Redis lost its data (a rid already
+# present is left alone). Returns how many were restored.
+RESTORE = _PRELUDE + """
+local n = 0
+for _, item in ipairs(cjson.decode(ARGV[3])) do
+  local rid, lapse, raw = item[1], tonumber(item[2]), item[3]
+  if lapse > NOW and redis.call('EXISTS', P .. 'res:' .. rid) == 0 then
+    for _, h in ipairs(cjson.decode(raw)) do
+      get(h)
+      local c, r, l, w = names(h[1])
+      local old = tonumber(redis.call('HGET', r, rid)) or 0
+      redis.call('HSET', r, rid, ifmt(h[4]))
+      redis.call('ZADD', l, fmt(lapse), rid)
+      redis.call('HINCRBY', c, 'tot', ifmt(h[4] - old))
+    end
+    redis.call('SET', P .. 'res:' .. rid, raw, 'PXAT', item[4])
+    n = n + 1
+  end
+end
+expire_touched()
+return n
+"""
+
+# ARGV: prefix, now, ready token, JSON [[hold, units], ...]. Adds the spend the ledger knows (the
+# arithmetic of SETTLE's spend step) and marks the counters ready, all at once, and only if
+# nobody has marked them ready yet: replicas racing to rebuild cannot count the ledger twice.
+REBUILD = _PRELUDE + """
+if redis.call('EXISTS', P .. 'ready') == 1 then return 0 end
+for _, item in ipairs(cjson.decode(ARGV[4])) do
+  local h, used = item[1], tonumber(item[2])
+  get(h)
+  local c, r, l, w = names(h[1])
+  if h[6] ~= 0 then
+    redis.call('HINCRBY', w, ifmt(math.floor(NOW / (h[6] / ROLLING))), ifmt(used))
+  else
+    redis.call('HINCRBY', c, 'spent', ifmt(used))
+  end
+end
+redis.call('SET', P .. 'ready', ARGV[3])
+expire_touched()
+return 1
 """
