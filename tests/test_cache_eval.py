@@ -166,6 +166,7 @@ def test_cli_real_model_small(tmp_path: Path) -> None:
     png = tmp_path / "pr.png"
     res = CliRunner().invoke(app, [
         "eval", "--pairs", str(QQP), "--limit", "200", "--thresholds", "0.7:0.95:0.05", "--json", "--png", str(png),
+        "--no-disk-cache",
     ], env={"HF_HUB_OFFLINE": "1"})
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)

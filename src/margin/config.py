@@ -89,6 +89,23 @@ class CompressConfig(_Strict):
     summary_max_tokens: int = Field(default=256, ge=16)
 
 
+class SemanticRouteConfig(_Strict):
+    """Opt-in semantic cache for a route (docs/caching.md): serve a stored answer to a paraphrase
+    when the verifier's score (or, without a verifier, the cosine) reaches `threshold`."""
+
+    threshold: float | None = Field(default=None, ge=-1, le=1)  # default: the verifier's calibrated threshold
+    verifier: str | None = None  # artefact directory (margin cache train-verifier --out DIR)
+    top_k: int | None = Field(default=None, ge=1, le=64)  # candidates scored; default: the verifier's
+    min_similarity: float = Field(default=0.5, ge=-1, le=1)  # cosine below which a candidate is not scored
+
+    @model_validator(mode="after")
+    def _threshold_or_verifier(self) -> SemanticRouteConfig:
+        if self.threshold is None and self.verifier is None:
+            raise ValueError("semantic_cache needs a verifier (with a calibrated threshold) or a threshold; "
+                             "choose it with `margin cache eval`")
+        return self
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     provider: str
@@ -103,6 +120,7 @@ class ModelConfig(_Strict):
     quality: float = Field(default=0.5, ge=0, le=1, description="prior: how strong the model is, 0..1")
     fallbacks: list[str] = Field(default_factory=list, description="models to try, in order, if this one fails")
     compress: CompressConfig | None = None  # opt-in context compression for requests of this model
+    semantic_cache: SemanticRouteConfig | None = None  # opt-in semantic cache for requests of this model
 
     @property
     def upstream_id(self) -> str:
@@ -279,6 +297,7 @@ class GroupConfig(_Strict):
     verify_judge: str | None = None  # cascade: a (small) model that must answer YES; its call is metered
     judge_instructions: str | None = None  # the judge's system prompt (default: policy/cascade.JUDGE_SYSTEM)
     compress: CompressConfig | None = None  # opt-in context compression for requests of this group
+    semantic_cache: SemanticRouteConfig | None = None  # opt-in semantic cache for requests of this group
     # What routing's savings are measured against: by default the strongest candidate.
     reference: str | None = None
 
@@ -301,6 +320,21 @@ class CacheConfig(_Strict):
     max_entries: int = Field(default=10_000, ge=1)  # memory backend; Redis bounds entries by TTL
     scope: Literal["org", "team", "key"] = "org"  # who may share entries
     allow_nondeterministic: bool = False  # cache temperature > 0 answers too
+
+
+class SemanticCacheConfig(_Strict):
+    """Settings shared by every route with `semantic_cache` (docs/caching.md). In-process per replica."""
+
+    embedder: Literal["onnx", "torch"] = "onnx"  # all-MiniLM-L6-v2 on ONNX Runtime (exported once) or torch
+    onnx_path: str = ".margin/models/all-MiniLM-L6-v2.onnx"  # exported here on first use if missing
+    threads: int = Field(default=1, ge=1)  # embedding threads (one worker; the event loop keeps its core)
+    ttl_s: float = Field(default=3600, gt=0)
+    max_entries: int = Field(default=100_000, ge=1)
+    max_entries_per_tenant: int = Field(default=10_000, ge=1)
+    scope: Literal["org", "team", "key"] = "org"  # who may share entries
+    allow_nondeterministic: bool = False  # cache temperature > 0 answers too
+    max_text_chars: int = Field(default=1000, ge=1)  # longer last turns are not embedded (MiniLM reads 256 pieces)
+    max_pending: int = Field(default=32, ge=1)  # lookups waiting for the embedder beyond this are skipped
 
 
 class BaselineConfig(_Strict):
@@ -388,6 +422,7 @@ class Config(_Strict):
     # cannot hold budget forever (long enough for a slow call to settle first).
     reservation_grace_s: float = Field(default=60.0, ge=1)
     cache: CacheConfig = CacheConfig()
+    semantic_cache: SemanticCacheConfig = SemanticCacheConfig()
     # Routing
     groups: list[GroupConfig] = Field(default_factory=list)
     retry: RetryConfig = RetryConfig()

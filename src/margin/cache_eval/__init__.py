@@ -1,7 +1,10 @@
-"""Semantic-cache evaluation: embed (MiniLM, offline), sweep similarity thresholds, choose one.
+"""Semantic-cache evaluation and its learned verifier (docs/caching.md).
 
-`margin cache eval` uses this to pick the lowest cosine-similarity threshold whose precision on a
-paraphrase-pair data set reaches a target (GPTCache's benchmark counting; see docs/caching.md).
+embed / onnx_embed: all-MiniLM-L6-v2 offline (sentence-transformers, or ONNX Runtime); disk: the
+on-disk embedding cache; ann: exact and HNSW search (usearch, hnswlib, faiss) and their benchmark;
+evaluate: GPTCache's counting and the threshold sweep; features / verifier / verified / artefact:
+the verifier that decides whether a retrieved entry answers the query, trained and calibrated on a
+split sharing no text with the evaluation, saved as a versioned artefact; plots: the curves.
 """
 
 from margin.cache_eval.evaluate import (

@@ -71,6 +71,9 @@ class EvalResult:
     entries: int
     queries_per_s: float
     timings_s: dict[str, float] = field(default_factory=dict)
+    search: str = "exact brute-force cosine (numpy dot product over normalised embeddings)"
+    decision: str = "cosine"  # or "verifier": what the threshold applies to
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,9 +85,11 @@ class EvalResult:
             "pairs": self.pairs,
             "duplicates": self.duplicates,
             "entries": self.entries,
-            "search": "exact brute-force cosine (numpy dot product over normalised embeddings)",
+            "search": self.search,
+            "decision": self.decision,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "gptcache_comparison": gptcache_comparison(self.sweep),
+            **self.extra,
         }
 
 
@@ -214,15 +219,40 @@ def sweep(
     return rows
 
 
-def choose_threshold(rows: Sequence[SweepRow], target_precision: float) -> SweepRow | None:
-    """The lowest threshold whose precision reaches the target (and which serves something)."""
-    ok = [r for r in rows if r.precision is not None and r.precision >= target_precision]
-    return min(ok, key=lambda r: r.threshold) if ok else None
+def wilson_lower(correct: int, hits: int, z: float) -> float:
+    """Lower end of the Wilson score interval for a proportion (z = 1.645: one-sided 95%)."""
+    if hits == 0:
+        return 0.0
+    p = correct / hits
+    d = 1 + z * z / hits
+    centre = p + z * z / (2 * hits)
+    margin = z * float(np.sqrt(p * (1 - p) / hits + z * z / (4 * hits * hits)))
+    return (centre - margin) / d
+
+
+def choose_threshold(rows: Sequence[SweepRow], target_precision: float, z: float = 0.0) -> SweepRow | None:
+    """The lowest threshold from which precision stays at or above the target at every higher
+    threshold that serves anything. (Not merely the lowest that reaches it: precision is not
+    monotone in the threshold, and a lucky dip must not be chosen below a stretch that misses.)
+    With z > 0 (calibration on a small split): the lowest threshold whose precision's Wilson lower
+    bound reaches the target - the bound already allows for noise, and 2 correct out of 2 hits
+    does not pass for 99% precision."""
+    if z > 0:
+        ok = [r for r in rows if r.hits and wilson_lower(r.correct_hits, r.hits, z) >= target_precision]
+        return min(ok, key=lambda r: r.threshold) if ok else None
+    chosen: SweepRow | None = None
+    for r in sorted(rows, key=lambda r: r.threshold, reverse=True):
+        if r.precision is None:
+            continue
+        if r.precision < target_precision:
+            break
+        chosen = r
+    return chosen
 
 
 def at_recall(rows: Sequence[SweepRow], recall: float) -> SweepRow | None:
     """The highest threshold whose recall is still >= `recall` (fewest wrong hits at that recall)."""
-    ok = [r for r in rows if r.recall >= recall]
+    ok = [r for r in rows if r.recall >= recall - 1e-6]  # rows' recall is rounded to 6 decimals
     return max(ok, key=lambda r: r.threshold) if ok else None
 
 

@@ -123,6 +123,9 @@ class MarginApp:
         self.lane: BatchLane | None = None  # the batch lane (issue 5): files, batches, deferred requests
         if cfg.batch_lane.enabled:
             self.lane = self.pipeline.lane = BatchLane(self)
+        from margin.gateway import semantic
+
+        self.pipeline.semantic = semantic.make(cfg, self.prices)  # None unless a route opted in
 
     @staticmethod
     def _load_routers(cfg: Config) -> dict[str, tuple[Any, dict[str, str]]]:
@@ -157,6 +160,8 @@ class MarginApp:
         self._refresher = asyncio.create_task(self._refresh_budgets(), name="budget-refresh")
         if self.lane is not None:
             await self.lane.start()
+        if self.pipeline.semantic is not None:  # loads the embedder (exports ONNX on first use)
+            await self.pipeline.semantic.start()
         # Start-up objects (config, the genai-prices snapshot, models) live forever: move them out
         # of the collector's reach so full collections under load stay short (p99).
         gc.collect()
@@ -192,6 +197,8 @@ class MarginApp:
         await self.payloads.close()
         if self.lane is not None:  # before the writer and providers close: running items finish first
             await self.lane.stop()
+        if self.pipeline.semantic is not None:
+            await self.pipeline.semantic.close()
         await self.guard.close()
         await self.writer.close()
         for p in self.providers.values():

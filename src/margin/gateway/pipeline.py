@@ -58,6 +58,7 @@ class _Escalate(Exception):
 
 class Pipeline:
     lane: Any = None  # the batch lane (gateway/batch_worker.BatchLane) when enabled: takes deferrals
+    semantic: Any = None  # the semantic cache (gateway/semantic.SemanticLever) when a route opted in
     payloads: PayloadLog | None = None  # prompts and answers of keys that opted in (gateway/payloads.py)
 
     def __init__(self, targets: dict[str, route.Target], providers: dict[str, Provider], prices: PriceBook,
@@ -243,15 +244,21 @@ class Pipeline:
                                                              self._route_headers(ev, decision)):
                 return
             store = key if may_write and verify is None else None
+            # Semantic cache (gateway/semantic.py): after an exact miss, a paraphrase may be answered.
+            sem = self.semantic.plan(call, decision, payload, headers) if self.semantic is not None else None
+            if sem is not None and await self.semantic.serve(sem, call, decision, ev, out,
+                                                             self._route_headers(ev, decision)):
+                return
+            sem = sem if verify is None else None  # like `store`: only a final answer is remembered
             if call.endpoint == "chat" and call.requested_model in self.compression.routes:
                 await self.compression.apply(call, decision, payload, upstream_payload, ev)
             self.breakers.before_call(decision.provider)
             if call.stream:
                 upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out,
-                                                store)
+                                                store, sem)
             else:
                 upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out,
-                                                  verify, store)
+                                                  verify, store, sem)
             self.breakers.success(decision.provider)
         except _Escalate:
             self.breakers.success(decision.provider)
@@ -339,7 +346,7 @@ class Pipeline:
 
     async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                         upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out,
-                        verify: route.Group | None = None, store: str | None = None) -> float:
+                        verify: route.Group | None = None, store: str | None = None, sem: Any = None) -> float:
         provider = self.providers[decision.provider]
         if verify is not None and verify.verify_min_logprob is not None and "logprobs" not in upstream_payload:
             upstream_payload["logprobs"] = True if call.endpoint == "chat" else 1
@@ -367,11 +374,13 @@ class Pipeline:
             self.payloads.capture(call, ev.event_id, payload, output_text(reply.data))
         if store:
             await self.caching.put(store, decision, ev, body=reply.body.decode(errors="replace"))
+        if sem is not None:  # semantic cache: remember the answer for paraphrases
+            await self.semantic.put(sem, decision, ev, body=reply.body.decode(errors="replace"))
         return upstream_s
 
     async def _stream(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                       upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, t0: float,
-                      out: Out, store: str | None = None) -> float:
+                      out: Out, store: str | None = None, sem: Any = None) -> float:
         provider = self.providers[decision.provider]
         opts = payload.get("stream_options")
         client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -392,7 +401,7 @@ class Pipeline:
             self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
             return f": margin cost_usd={usd(ev.cost.total_usd)} event_id={ev.event_id}\n\n".encode()
 
-        sink: Sink = Recorder(out) if store else out
+        sink: Sink = Recorder(out) if store or sem is not None else out
         r = await relay(chunks, first, sink, client_wants_usage, on_done)
         if r.client_left:
             ev.status, ev.error_type = 499, "client_disconnected"
@@ -411,6 +420,8 @@ class Pipeline:
         self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
         if store and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:
             await self.caching.put(store, decision, ev, chunks=sink.events)
+        if sem is not None and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:
+            await self.semantic.put(sem, decision, ev, chunks=sink.events)  # semantic cache
         if r.t_first:
             ev.ttft_ms = _ms(t0, r.t_first)
             if r.n_out > 1:
