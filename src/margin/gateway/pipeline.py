@@ -21,16 +21,17 @@ from margin.gateway import levers
 from margin.gateway.auth import KeyRing, RevokedKey
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
-from margin.gateway.calls import estimate_input, output_text, prompt_text, tool_calls_in, upstream_error
+from margin.gateway.calls import estimate_input, output_text, tool_calls_in, upstream_error
 from margin.gateway.compression import CompressLever
 from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.payloads import PayloadLog
 from margin.gateway.request import build_call, parse_json
 from margin.gateway.routing import Router
-from margin.gateway.stream import UPSTREAM_ERRORS, Captured, Out, Recorder, Relayed, Sink, relay
+from margin.gateway.sidecalls import Escalate, SideCalls
+from margin.gateway.stream import UPSTREAM_ERRORS, Out, Recorder, Relayed, Sink, relay
 from margin.ledger.writer import LedgerWriter
-from margin.policy import agents, cascade, compress, route
+from margin.policy import agents, route
 from margin.pricing import PriceBook
 from margin.pricing.tokens import count_text
 from margin.providers.base import Chunk, Provider
@@ -52,10 +53,6 @@ def _ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1000, 3)
 
 
-class _Escalate(Exception):
-    """A cascade step's answer failed verification: try the next, stronger model."""
-
-
 class Pipeline:
     lane: Any = None  # the batch lane (gateway/batch_worker.BatchLane) when enabled: takes deferrals
     semantic: Any = None  # the semantic cache (gateway/semantic.SemanticLever) when a route opted in
@@ -68,7 +65,8 @@ class Pipeline:
                  cache: Cache | None = None, cache_cfg: CacheConfig | None = None,
                  compression: dict[str, CompressConfig] | None = None):
         self.caching = CacheLever(cache, cache_cfg, prices)
-        self.compression = CompressLever(compression or {}, prices, self._summarise)
+        self.side = SideCalls(targets, self._attempt, self._follow_up)
+        self.compression = CompressLever(compression or {}, prices, self.side.summarise)
         self.references = {g.name: route.reference(g, targets) for g in (groups or {}).values()}
         self.guard = guard
         self.groups = groups or {}
@@ -182,7 +180,7 @@ class Pipeline:
                 try:
                     await self._attempt(call, d, payload, headers, body, ev, t0, out, verify)
                     return
-                except _Escalate as e:
+                except Escalate as e:
                     ev = None
                     if i + 1 < len(chain):
                         chain[i + 1] = dataclasses.replace(
@@ -260,7 +258,7 @@ class Pipeline:
                 upstream_s = await self._complete(call, decision, payload, upstream_payload, headers, ev, out,
                                                   verify, store, sem)
             self.breakers.success(decision.provider)
-        except _Escalate:
+        except Escalate:
             self.breakers.success(decision.provider)
             raise
         except GatewayError as e:
@@ -279,47 +277,6 @@ class Pipeline:
             self._record(ev, t0, upstream_s)
             if admission is not None:
                 await self.guard.settle(admission, ev)
-
-    async def _verify(self, group: route.Group, call: Call, payload: dict[str, Any], data: dict[str, Any],
-                      ev: Event) -> None:
-        """A cascade step's checks, cheapest first; a rejected answer is metered and recorded but
-        not returned: the next, stronger model answers instead."""
-        text = output_text(data)
-        logprobs = cascade.token_logprobs(data) if group.verify_min_logprob is not None else None
-        ok, why = cascade.verify(text, group.verify_regex, group.verify_json, group.verify_min_logprob, logprobs)
-        if ok and group.verify_judge:
-            question = prompt_text(call.endpoint, payload)
-            verdict = await self._side_call(group.verify_judge, cascade.judge_messages(
-                question, text, group.judge_instructions), 4, call, ev, f"cascade judge for {ev.event_id}")
-            ok, why = cascade.judge_verdict(verdict) if verdict is not None else (False, "judge unavailable")
-        if not ok:
-            ev.actions.append({"action": "cascade_escalate", "why": why})
-            raise _Escalate(why)
-
-    async def _summarise(self, settings: CompressConfig, dropped: list[dict[str, Any]], call: Call,
-                         parent: Event) -> str:
-        summary = await self._side_call(str(settings.summarise_with), compress.summary_request(
-            dropped, settings.summary_max_tokens), settings.summary_max_tokens, call, parent,
-            f"compression summary for {parent.event_id}")
-        return summary or ""
-
-    async def _side_call(self, model: str, messages: list[dict[str, Any]], max_tokens: int, call: Call,
-                         parent: Event, reason: str) -> str | None:
-        """A call margin makes on a request's behalf (a compression summary, a cascade judge): a
-        call of its own through budgets, the exact cache (temperature 0, so the same question is
-        asked once) and the ledger, linked to the request by parent_event_id. None if it failed."""
-        t = self.targets[model]
-        body = {"model": model, "temperature": 0, "max_tokens": max_tokens, "messages": messages}
-        sub = dataclasses.replace(call, requested_model=model, stream=False, max_tokens=max_tokens, has_tools=False)
-        decision = RouteDecision(model=model, provider=t.provider, upstream_model=t.upstream_model, reason=reason)
-        ev, out = self._follow_up(parent), Captured()
-        ev.requested_model = model
-        try:
-            await self._attempt(sub, decision, body, {}, orjson.dumps(body), ev, time.perf_counter(), out)
-        except GatewayError as e:
-            log.warning("%s by %s failed: %s", reason, model, e)
-            return None
-        return output_text(orjson.loads(out.body)) if out.status == 200 else None
 
     def _apply_budget(self, adm: Admission, decision: RouteDecision, upstream_payload: dict[str, Any]) -> RouteDecision:
         """A downgrade serves the lighter model; a cap bounds the output so the cost fits."""
@@ -363,7 +320,7 @@ class Pipeline:
         ev.tool_calls = tool_calls_in(reply.data)
         body = reply.body
         if verify is not None:
-            await self._verify(verify, call, payload, reply.data, ev)
+            await self.side.verify(verify, call, payload, reply.data, ev)
             if "logprobs" in upstream_payload and "logprobs" not in payload:  # asked only to verify
                 body = orjson.dumps({**reply.data, "choices": [
                     {k: v for k, v in c.items() if k != "logprobs"} for c in reply.data.get("choices") or ()]})

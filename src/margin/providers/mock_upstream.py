@@ -16,7 +16,7 @@ with `stream_options.include_usage`), and `[DONE]`.
 
 Faults: `error_rate`, `timeout_rate` and `reset_rate` share one PRNG draw per POST request, seeded
 from `seed`, so a run with the same request order fails the same requests. Per-request `X-Mock-*`
-headers override everything (see `_Overrides`).
+headers override everything (see `mock_options.Overrides`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import orjson
 import uvicorn
 
 from margin.providers import mock_batches, mock_text
+from margin.providers.mock_options import MockOptions, Overrides
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -49,85 +50,9 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 _NOT_JSON = b"this is not json {"
 
 
-@dataclass(frozen=True, slots=True)
-class MockOptions:
-    ttft_ms: float = 0.0
-    tokens_per_s: float = 0.0
-    output_tokens: int = 16
-    usage: bool = True
-    error_rate: float = 0.0
-    timeout_rate: float = 0.0
-    reset_rate: float = 0.0
-    cached_fraction: float = 0.0
-    reasoning_tokens: int = 0
-    seed: int = 0
-    models: str = ""
-    answers: str = ""  # JSON {"model": "fixed answer text"}: e.g. a judge model that always says YES
-    logprob: float = -0.2  # per-token logprob reported when a request asks for logprobs
+__all__ = ["MockOptions", "serve", "start_mock"]  # MockOptions lives in mock_options; kept importable here
 
-    def __post_init__(self) -> None:
-        for name in ("error_rate", "timeout_rate", "reset_rate", "cached_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1]")
-        for name in ("ttft_ms", "tokens_per_s", "output_tokens", "reasoning_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-
-
-@dataclass(slots=True)
-class _Overrides:
-    """Per-request `X-Mock-*` header values; None means "use the options"."""
-
-    status: int | None = None
-    ttft_ms: float | None = None
-    output_tokens: int | None = None
-    usage: bool | None = None
-    reset: bool = False
-    hang: bool = False
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    invalid_json: bool = False
-    tokens_per_s: float | None = None
-    tool_calls: int = 0
-    logprob: float | None = None
-
-    @classmethod
-    def parse(cls, headers: list[tuple[bytes, bytes]]) -> _Overrides | None:
-        ov: _Overrides | None = None
-        for k, v in headers:
-            if not k.startswith(b"x-mock-"):
-                continue
-            ov = ov or cls()
-            name, val = k[7:], v.decode("latin-1").strip()
-            with contextlib.suppress(ValueError):  # a malformed override is ignored, not fatal
-                if name == b"status":
-                    ov.status = int(val)
-                elif name == b"ttft-ms":
-                    ov.ttft_ms = float(val)
-                elif name == b"output-tokens":
-                    ov.output_tokens = int(val)
-                elif name == b"usage":
-                    ov.usage = val not in ("0", "false", "")
-                elif name == b"reset":
-                    ov.reset = val == "1"
-                elif name == b"hang":
-                    ov.hang = val == "1"
-                elif name == b"cached-tokens":
-                    ov.cached_tokens = int(val)
-                elif name == b"reasoning-tokens":
-                    ov.reasoning_tokens = int(val)
-                elif name == b"invalid-json":
-                    ov.invalid_json = val == "1"
-                elif name == b"tokens-per-s":
-                    ov.tokens_per_s = float(val)
-                elif name == b"logprob":
-                    ov.logprob = float(val)
-                elif name == b"tool-calls":
-                    ov.tool_calls = int(val)
-        return ov
-
-
-_NO_OVERRIDES = _Overrides()
+_NO_OVERRIDES = Overrides()
 
 
 @dataclass(slots=True)
@@ -195,7 +120,7 @@ class MockApp:
             await _respond(send, 400, mock_text.error_body(400, f"invalid JSON body: {exc}"))
             return
         self.last_request = body
-        ov = _Overrides.parse(scope["headers"]) or _NO_OVERRIDES
+        ov = Overrides.parse(scope["headers"]) or _NO_OVERRIDES
         stream = path != "/v1/embeddings" and req.get("stream") is True
 
         if ov.status is not None and ov.status >= 400:
@@ -273,12 +198,12 @@ class MockApp:
     def _answers(self) -> dict[str, str]:
         return dict(orjson.loads(self.options.answers)) if self.options.answers else {}
 
-    def _logprob(self, req: dict[str, Any], ov: _Overrides) -> float | None:
+    def _logprob(self, req: dict[str, Any], ov: Overrides) -> float | None:
         if not req.get("logprobs"):
             return None
         return ov.logprob if ov.logprob is not None else self.options.logprob
 
-    def _answer(self, req: dict[str, Any], model: str, chat: bool, ov: _Overrides) -> _Answer:
+    def _answer(self, req: dict[str, Any], model: str, chat: bool, ov: Overrides) -> _Answer:
         o = self.options
         if chat:
             prompt, prompt_tokens = mock_text.chat_prompt(req.get("messages"))
