@@ -409,7 +409,7 @@ class Config(_Strict):
     ledger: LedgerConfig = LedgerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     limits: LimitsConfig = LimitsConfig()
-    key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    key_cache_ttl_s: float = Field(default=0.5, ge=0)  # capped at 0.5 s: revocation everywhere within 1 s
     # Budgets and rate limits. `state` is "memory" (one replica) or a redis:// URL (shared).
     state: str = "memory"
     state_failure: Literal["closed", "open"] = "closed"
