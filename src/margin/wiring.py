@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from margin.config import BudgetConfig, GroupConfig, ModelConfig, RateLimitConfig, RunCapConfig
+from margin.config import BudgetConfig, CompressConfig, Config, GroupConfig, ModelConfig, RateLimitConfig, RunCapConfig
 from margin.domain.budget import Budget, BudgetUnit, RateLimit, RunCap, Threshold, duration_s
+from margin.policy.compress import CompressPolicy
 from margin.policy.route import Group, Rule, Target
 from margin.pricing import ModelRates
 
@@ -46,3 +47,15 @@ def group(g: GroupConfig) -> Group:
                             r.prompt_tokens_gt, r.prompt_tokens_lte) for r in g.rules),
                  tuple(g.weights.items()), g.verify_regex, g.verify_json, g.reference,
                  g.verify_min_logprob, g.verify_judge, g.judge_instructions)
+
+
+def compression_routes(cfg: Config) -> dict[str, CompressConfig]:
+    """Route name (a model or a group) -> its compression settings, for routes that opted in."""
+    out = {m.name: m.compress for m in cfg.models if m.compress is not None}
+    out.update({g.name: g.compress for g in cfg.groups if g.compress is not None})
+    return out
+
+
+def compress_policy(c: CompressConfig) -> CompressPolicy:
+    return CompressPolicy(c.max_input_tokens, c.dedupe_tool_outputs, c.dedupe_paragraphs, c.min_paragraph_chars,
+                          c.block)

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from margin import wiring
-from margin.config import CompressConfig, Config
+from margin.config import Config
 from margin.domain import Endpoint
 from margin.gateway import admin
 from margin.gateway.auth import KeyRing
@@ -112,7 +112,7 @@ class MarginApp:
                           else RedisCache(cfg.cache.backend))
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
                                  self.guard, self.groups, cfg.retry, self.breakers, self.routers, self.cache,
-                                 cfg.cache, compression_routes(cfg))
+                                 cfg.cache, wiring.compression_routes(cfg))
         self.max_body = cfg.limits.max_body_bytes
         from margin.gateway.payloads import PayloadLog
 
@@ -306,13 +306,6 @@ class MarginApp:
             return await admin.handle(self, method, path, headers, body)
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 
-
-
-def compression_routes(cfg: Config) -> dict[str, CompressConfig]:
-    """Route name (a model or a group) -> its compression settings, for routes that opted in."""
-    out = {m.name: m.compress for m in cfg.models if m.compress is not None}
-    out.update({g.name: g.compress for g in cfg.groups if g.compress is not None})
-    return out
 
 
 def from_env() -> MarginApp:

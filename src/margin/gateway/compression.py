@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from margin import wiring
 from margin.config import CompressConfig
 from margin.domain import Call, Event, RouteDecision
 from margin.gateway import levers
@@ -20,9 +21,7 @@ Summarise = Callable[[CompressConfig, list[dict[str, Any]], Call, Event], Awaita
 class CompressLever:
     def __init__(self, settings: dict[str, CompressConfig], prices: PriceBook, summarise: Summarise):
         self.settings, self.prices, self.summarise = settings, prices, summarise
-        self.policies = {name: compress.CompressPolicy(c.max_input_tokens, c.dedupe_tool_outputs, c.dedupe_paragraphs,
-                                                       c.min_paragraph_chars, c.block)
-                         for name, c in settings.items()}
+        self.policies = {name: wiring.compress_policy(c) for name, c in settings.items()}
 
     @property
     def routes(self) -> frozenset[str]:

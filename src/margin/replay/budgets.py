@@ -1,130 +1,177 @@
-"""Budgets and rate limits in a replay: the gateway's `policy.budget.plan` for every request in
-arrival order, at the trace's time, its holds reserved and settled on a `MemoryState` (the
-in-process reference semantics of the gateway's state)."""
+"""Budgets, rate limits and agent run caps in a replay, call by call in arrival order at the
+trace's time, as gateway/budgets.BudgetGuard.admit/_run_plan/settle do it: the run's caps are
+planned by `policy.agents.plan` (wall time from the run's first call, tool calls counted after each
+answer), then `policy.budget.plan(..., extra=run dollars, extra_holds=run call and repeat counters)`
+decides, and its holds are reserved and settled all-or-nothing on a `MemoryState` (the in-process
+reference semantics of the gateway's state)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import numpy as np
-import orjson
-
-from margin.domain import Usage
-from margin.domain.budget import CounterState, to_units
+from margin.domain import Call
+from margin.domain.budget import CounterState, Hold
+from margin.policy import agents
 from margin.policy import budget as budget_policy
-from margin.replay.costing import BATCH
-from margin.replay.levers import ExactCache, PrefixCacheSim
-from margin.replay.outcome import BLOCKED, DEFERRED, RATE_LIMITED, SERVED, BudgetLog, Outcome, Progress, exact_one
-from margin.replay.traces import Trace
+from margin.replay.outcome import BLOCKED, DEFERRED, RATE_LIMITED, RUN_STOPPED, BudgetLog, Outcome, RunLog
 
 # The one import from state/ (DESIGN.md lets replay import domain, policy, pricing, planner): the
 # counters' semantics (all-or-nothing holds, rolling sub-buckets, token buckets) must be the
 # gateway's, and MemoryState is pure Python with no I/O, whose time is an argument.
 from margin.state.memory import MemoryState
 
+RESERVATION_TTL_S = 660.0  # a provider's default timeout + grace: every replayed call settles at once anyway
 
-async def run_budgets(o: Outcome, keys: list[tuple[dict[str, Any], str]] | None, progress: Progress | None) -> None:
-    """Budgets and rate limits, request by request in arrival order, on a `MemoryState` (the
-    reference semantics of the gateway's state); each call settles at its metered cost at once."""
-    pol, tr = o.policy, o.trace
-    state = MemoryState()
-    snapshot: dict[str, CounterState] = {}
-    c = pol.cfg.cache
-    cache = ExactCache(c.max_entries, c.ttl_s)
-    prefix = PrefixCacheSim(pol.settings.prefix_cache) if tr.hash_ids is not None else None
-    index = {m: i for i, m in enumerate(o.models)}
-    logs = o.budgets = {b.id: BudgetLog() for b in pol.budgets}
-    cost_memo: dict[tuple[int, int, int, int, int], Any] = {}
 
-    worst: dict[tuple[str, int, int], Decimal] = {}
+@dataclass(slots=True)
+class Admitted:
+    model: str  # after any downgrade
+    max_tokens: int | None  # the output cap the budgets set (None: none)
+    rid: str = ""
+    holds: list[Hold] = field(default_factory=list)
+    tools: list[Hold] = field(default_factory=list)  # run caps counting the tool calls of the answer
+    downgraded: bool = False
+    applied: list[str] = field(default_factory=list)  # the budgets (and run dollar caps) that applied
 
-    def price(model: str, inp: int, out: int) -> Decimal:
+
+@dataclass(slots=True)
+class Refused:
+    status: int  # BLOCKED | RATE_LIMITED | DEFERRED | RUN_STOPPED
+    model: str  # what a deferred call will be served by
+    stop: tuple[str, str] | None = None  # (run cap id, limit) for RUN_STOPPED
+
+
+class Admitter:
+    def __init__(self, o: Outcome):
+        self.o = o
+        self.pol = o.policy
+        self.state = MemoryState()
+        self.snapshot: dict[str, CounterState] = {}
+        self.logs = o.budgets = {b.id: BudgetLog() for b in self.pol.budgets}
+        self._worst: dict[tuple[str, int, int], Decimal] = {}
+
+    def _price(self, model: str, inp: int, out: int) -> Decimal:
         # BudgetGuard._price, memoised: plan() binary-searches the output cap with it.
         k = (model, inp, out)
-        v = worst.get(k)
+        v = self._worst.get(k)
         if v is None:
-            v = worst[k] = pol.prices.rates(model).worst_case(inp, out)
-            if len(worst) > 2_000_000:
-                worst.clear()
+            v = self._worst[k] = self.pol.prices.rates(model).worst_case(inp, out)
+            if len(self._worst) > 2_000_000:
+                self._worst.clear()
         return v
 
-    rows = np.flatnonzero(o.status == SERVED).tolist()
-    for done, i in enumerate(rows, 1):
-        if progress and done % 20_000 == 0:
-            progress("budgets", done, len(rows))
-        call = o.calls[int(o.combo[i])]
-        model = o.models[int(o.served[i])]
-        when = o.start + timedelta(seconds=float(tr.arrival_s[i]))
-        now = when.timestamp()
+    def _log(self, budget_id: str, action: str, when: datetime) -> None:
+        log = self.logs.get(budget_id)  # run caps' dollar limits are budget-like but not budgets
+        if log is not None:
+            log.hit(action, when)
+
+    async def admit(self, call: Call, run_id: str, model: str, bound: int, max_tokens: int | None, message: str,
+                    when: datetime) -> Admitted | Refused:
+        pol, now = self.pol, when.timestamp()
+        dims = budget_policy.dims_of(call.attribution, call.workflow, model, pol.provider_of(model))
+        run = await self._run_plan(dims, run_id, message, when) if pol.run_caps and run_id else None
+        if run is not None and run.stop is not None:
+            return self._stopped(run.stop, run_id, model, when)
         args: dict[str, Any] = dict(
-            dims=budget_policy.dims_of(call.attribution, call.workflow, model, pol.provider_of(model)),
-            budgets=pol.budgets, rate_limits=pol.rate_limits, price=price, prompt_bound=_bound(tr, i),
-            max_tokens=int(tr.max_tokens[i]) if tr.max_tokens is not None and tr.max_tokens[i] else
-            pol.settings.max_tokens, model_max_output=pol.models[model].output_cap, priority=call.priority,
-            now=when, provider_of=pol.provider_of)
-        p = budget_policy.plan(model=model, snapshot=snapshot, **args)
+            dims=dims, budgets=pol.budgets, rate_limits=pol.rate_limits, price=self._price, prompt_bound=bound,
+            max_tokens=max_tokens, model_max_output=pol.models[model].output_cap, priority=call.priority,
+            now=when, provider_of=pol.provider_of, extra=run.dollars if run else (),
+            extra_holds=run.holds if run else ())
+        p = budget_policy.plan(model=model, snapshot=self.snapshot, **args)
         for a, th, _ in p.notify:
-            if await state.mark_fired(a.key, f"notify@{th.pct}", a.end.timestamp() + 86400):
-                logs[a.budget.id].hit("notifies", when)
-        rid = uuid.uuid4().hex
-        ok = p.refusal is None
-        if ok and p.holds:
-            res = await state.reserve(rid, p.holds, now, 660.0)
-            snapshot.update(res.states)
-            if not res.ok:  # as BudgetGuard.admit: plan again on what the reservation saw
-                p = budget_policy.plan(model=model, snapshot={**snapshot, **res.states}, **args)
-                if p.refusal is None:
-                    res = await state.reserve(rid, p.holds, now, 660.0)
-                    snapshot.update(res.states)
-                ok = p.refusal is None and res.ok
-                if p.refusal is None and not res.ok:
-                    o.status[i] = RATE_LIMITED if res.failed_key.startswith("rl:") else BLOCKED
-                    if o.status[i] == BLOCKED:
-                        bid = res.failed_key.split(":")[1]
-                        logs[bid].hit("blocks", when)
-                    continue
-        if not ok:
-            assert p.refusal is not None
-            if p.refusal.code == "budget_deferred":  # waits for the next period, in the batch lane
-                o.status[i], o.lane[i], o.served[i] = DEFERRED, BATCH, index[p.model]
-                logs[p.refusal.budget_id].hit("defers", when)
-            else:
-                o.status[i] = BLOCKED if p.refusal.budget_id else RATE_LIMITED
-                if p.refusal.budget_id:
-                    logs[p.refusal.budget_id].hit("blocks", when)
-            continue
-        if p.downgraded_from:
-            o.served[i], o.downgraded[i] = index[p.model], True
-            for bid in _downgraders(p, snapshot):
-                logs[bid].hit("downgrades", when)
-        if p.max_tokens is not None and o.output[i] > p.max_tokens:
-            o.output[i], o.truncated[i] = p.max_tokens, True
-            for a in p.applied:
-                logs[a.budget.id].hit("truncations", when)
-        m = int(o.served[i])
-        hit = exact_one(o, keys, cache, i, float(tr.arrival_s[i]))
-        if not hit and prefix is not None:
-            o.cached[i] = prefix.use(m, tr.hash_ids[i], int(tr.input_tokens[i]), float(tr.arrival_s[i]))  # type: ignore[index]
+            if await self.state.mark_fired(a.key, f"notify@{th.pct}", a.end.timestamp() + 86400):
+                self._log(a.budget.id, "notifies", when)
+        if p.refusal is not None:
+            return self._refused(p.refusal, p, run_id, when)
+        tools = run.tool_counters if run else []
         if not p.holds:
-            continue
-        k = (m, int(o.lane[i]), int(tr.input_tokens[i]), int(o.cached[i]), int(o.output[i]))
-        if hit:
-            cost, tokens = 0, 0  # a hit settles at zero (pipeline: cache before send)
-        else:
-            if k not in cost_memo:
-                rates = pol.batch_rates(o.models[m]) if k[1] == BATCH else pol.prices.rates(o.models[m])
-                cost_memo[k] = to_units(rates.cost(Usage(k[2], k[4], k[3])).total_usd, "usd")
-            cost, tokens = cost_memo[k], k[2] + k[4]
-        # As BudgetGuard.settle: USD at the metered cost, tokens as used, call counts as reserved.
-        actual = {h.key: (h.amount if h.unit == "calls" else cost if h.unit == "usd" else tokens)
-                  if h.kind == "budget" else (1 if h.key.endswith(":rpm") else tokens) for h in p.holds}
-        snapshot.update(await state.settle(rid, actual, now))
-    for a_key, st in snapshot.items():
-        if a_key.startswith("b:"):
-            o.counters[a_key] = (st, a_key.split(":")[1])
+            return Admitted(p.model, p.max_tokens, tools=tools, applied=[a.budget.id for a in p.applied])
+        rid = uuid.uuid4().hex
+        res = await self.state.reserve(rid, p.holds, now, RESERVATION_TTL_S)
+        self.snapshot.update(res.states)
+        if not res.ok:  # as BudgetGuard.admit: plan again on what the reservation saw
+            p = budget_policy.plan(model=model, snapshot={**self.snapshot, **res.states}, **args)
+            if p.refusal is None:
+                res = await self.state.reserve(rid, p.holds, now, RESERVATION_TTL_S)
+                self.snapshot.update(res.states)
+            if p.refusal is not None:
+                return self._refused(p.refusal, p, run_id, when)
+            if not res.ok:
+                return self._failed(res.failed_key, run_id, model, when)
+        if p.downgraded_from:
+            for bid in _downgraders(p, self.snapshot):
+                self._log(bid, "downgrades", when)
+        return Admitted(p.model, p.max_tokens, rid, p.holds, tools, bool(p.downgraded_from),
+                        [a.budget.id for a in p.applied])
+
+    async def _run_plan(self, dims: dict[str, str], run_id: str, message: str, when: datetime) -> agents.RunPlan | None:
+        caps = agents.applicable(self.pol.run_caps, dims, run_id)
+        if not caps:
+            return None
+        t = when.timestamp()
+        started = {c.id: await self.state.first_seen(agents.key(c, "start", run_id), t, t + c.ttl_s)
+                   for c in caps if c.max_wall_s is not None}  # the run's clock starts at its first call
+        tools = [agents.tool_counter(c, run_id, t + c.ttl_s) for c in caps if c.max_tool_calls is not None]
+        snapshot = await self.state.snapshot(tools, t) if tools else {}
+        return agents.plan(caps, run_id, message, snapshot, started, when)
+
+    def _stopped(self, stop: agents.RunStop, run_id: str, model: str, when: datetime) -> Refused:
+        key = (stop.cap.id, stop.limit)
+        self.o.runs.setdefault(key, RunLog()).hit(run_id, when)
+        return Refused(RUN_STOPPED, model, key)
+
+    def _refused(self, r: budget_policy.Refusal, p: budget_policy.BudgetPlan, run_id: str,
+                 when: datetime) -> Refused:
+        if r.budget_id.startswith("run:"):  # a run's dollar cap (as BudgetGuard._refuse)
+            caps = self.pol.run_caps
+            counter = r.budget_id if r.budget_id.count(":") >= 3 else agents.key(
+                next(c for c in caps if f"run:{c.id}" == r.budget_id), "usd", run_id)
+            stop = agents.stop_for(counter, caps, self.snapshot.get(counter, CounterState()))
+            if stop is not None:
+                return self._stopped(stop, run_id, p.model, when)
+        if r.code == "budget_deferred":  # waits for the next period, in the batch lane
+            self._log(r.budget_id, "defers", when)
+            return Refused(DEFERRED, p.model)
+        if r.budget_id:
+            self._log(r.budget_id, "blocks", when)
+            return Refused(BLOCKED, p.model)
+        return Refused(RATE_LIMITED, p.model)
+
+    def _failed(self, key: str, run_id: str, model: str, when: datetime) -> Refused:
+        """The reservation still failed after planning again (BudgetGuard._refusal_for)."""
+        if key.startswith("run:"):
+            stop = agents.stop_for(key, self.pol.run_caps, self.snapshot.get(key, CounterState()))
+            if stop is not None:
+                return self._stopped(stop, run_id, model, when)
+        if key.startswith("rl:"):
+            return Refused(RATE_LIMITED, model)
+        self._log(key.split(":")[1], "blocks", when)
+        return Refused(BLOCKED, model)
+
+    async def settle(self, a: Admitted, cost_units: int, tokens: int, tool_calls: int, now: float) -> None:
+        """As BudgetGuard.settle: USD at the metered cost, tokens as used, call counts as reserved;
+        the answer's tool calls are added to the run's tool counters."""
+        if a.tools and tool_calls:
+            for h in a.tools:
+                await self.state.add_spent(h, tool_calls, now)
+        if not a.holds:
+            return
+        actual = {h.key: (h.amount if h.unit == "calls" else cost_units if h.unit == "usd" else tokens)
+                  if h.kind == "budget" else (1 if h.key.endswith(":rpm") else tokens) for h in a.holds}
+        self.snapshot.update(await self.state.settle(a.rid, actual, now))
+
+    def finish(self) -> None:
+        for key, st in self.snapshot.items():
+            if key.startswith("b:"):
+                self.o.counters[key] = (st, key.split(":")[1])
+
+    def truncated(self, a: Admitted, when: datetime) -> None:
+        for bid in a.applied:
+            self._log(bid, "truncations", when)
 
 
 def _downgraders(p: budget_policy.BudgetPlan, snapshot: dict[str, CounterState]) -> list[str]:
@@ -135,12 +182,3 @@ def _downgraders(p: budget_policy.BudgetPlan, snapshot: dict[str, CounterState])
         if any(t.action == "downgrade" and frac >= float(t.pct) for t in a.budget.thresholds):
             out.append(a.budget.id)
     return out or [a.budget.id for a in p.applied[:1]]
-
-
-def _bound(tr: Trace, i: int) -> int:
-    """The prompt bound the gateway reserves on: from the body's UTF-8 size where messages were
-    recorded, else the recorded input tokens (exact, so tighter than the gateway could be)."""
-    if tr.messages is not None and tr.messages[i] is not None:
-        msgs = tr.messages[i] or []
-        return budget_policy.input_bound(len(orjson.dumps({"messages": msgs})), len(msgs))
-    return int(tr.input_tokens[i])

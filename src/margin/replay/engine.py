@@ -1,11 +1,13 @@
 """Policy replay: a trace through the gateway's own policy functions, on the trace's clock.
 
-Order per request, as in gateway/pipeline.py: route (`policy.route.decide`) -> budgets
-(`policy.budget.plan`, holds reserved and settled on a `MemoryState`) -> exact cache
-(`policy.cache` key, LRU/TTL) -> provider (prefix cache from hash_ids) -> price (`ModelRates.cost`,
-standard or batch lane). Routing is decided once per distinct feature combination; with no budget
-or rate limit configured the caches run as two sequential passes and pricing is grouped, so a
-million requests replay in seconds. With budgets, each request is planned in arrival order."""
+Order per request, as in gateway/pipeline.py: route (`policy.route.decide`) -> run caps and
+budgets (`policy.agents.plan`, `policy.budget.plan`, holds reserved and settled on a `MemoryState`)
+-> exact cache (`policy.cache` key, LRU/TTL) -> compression (`policy.compress`) -> provider (prefix
+cache from hash_ids) -> price (`ModelRates.cost`, standard or batch lane) -> a cascade step's
+verdict, and the next step. Routing is decided once per distinct feature combination; with no
+budget, rate limit, run cap, compression or cascade in play the caches run as two sequential
+passes and pricing is grouped, so a million requests replay in seconds. Otherwise each request is
+replayed in arrival order (flow.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import orjson
 
 from margin.domain import Attribution, Call
 from margin.policy import cache as cache_policy
-from margin.replay.budgets import run_budgets
 from margin.replay.costing import BATCH, STANDARD
+from margin.replay.flow import Flow
 from margin.replay.levers import ExactCache, Learner, PrefixCacheSim, factorize, route_all
 from margin.replay.outcome import (
     BLOCKED,
@@ -28,6 +30,7 @@ from margin.replay.outcome import (
     DEFERRED,
     RATE_LIMITED,
     REFUSED,
+    RUN_STOPPED,
     SERVED,
     Outcome,
     Progress,
@@ -36,7 +39,8 @@ from margin.replay.outcome import (
 from margin.replay.policy import DEFAULT_START, Policy
 from margin.replay.traces import Trace
 
-__all__ = ["BLOCKED", "CACHE_HIT", "DEFERRED", "RATE_LIMITED", "REFUSED", "SERVED", "Outcome", "replay"]
+__all__ = ["BLOCKED", "CACHE_HIT", "DEFERRED", "RATE_LIMITED", "REFUSED", "RUN_STOPPED", "SERVED", "Outcome",
+           "replay"]
 
 
 def _column(trace: Trace, name: str, default: str) -> np.ndarray | None:
@@ -133,7 +137,7 @@ def replay(trace: Trace, policy: Policy, progress: Progress | None = None, force
         ref_of_call[combo] if n else np.zeros(0, dtype=np.int64), served.copy(), served,
         np.where(served >= 0, SERVED, REFUSED).astype(np.int8), np.where(deferrable[combo], BATCH, STANDARD),
         trace.input_tokens, np.zeros(n, dtype=np.int64), trace.output_tokens.copy(), np.zeros(n, dtype=bool),
-        np.zeros(n, dtype=bool))
+        np.zeros(n, dtype=bool), compressed=trace.input_tokens.copy(), forced=force_model is not None)
     if trace.cached_input_tokens is not None and trace.hash_ids is None:
         # Recorded provider cache hits stand where the same model serves the request again.
         recorded = trace.attr("model")
@@ -141,14 +145,31 @@ def replay(trace: Trace, policy: Policy, progress: Progress | None = None, force
         same = served == np.array([index.get(m, -2) for m in names], dtype=np.int64)
         out.cached = np.where(same, trace.cached_input_tokens, 0)
     keys = _cache_keys(out)
-    if policy.budgets or policy.rate_limits:
-        asyncio.run(run_budgets(out, keys, progress))
+    admit = bool(policy.budgets or policy.rate_limits or (policy.run_caps and _has_runs(trace)))
+    if admit or _compresses(out) or _cascades(out):
+        asyncio.run(Flow(out, keys, admit).run(progress))
     else:
         _exact_pass(out, keys, progress)
         _prefix_pass(out, progress)
     out.notes += _notes(out, keys is not None, learners)
     out.elapsed_s = time.perf_counter() - t0
     return out
+
+
+def _has_runs(trace: Trace) -> bool:
+    runs = trace.attr("run_id")
+    return runs is not None and bool((runs != "").any())
+
+
+def _compresses(o: Outcome) -> bool:
+    """Some request asks for a route that compresses and records messages to compress."""
+    asked = {c.requested_model for c in o.calls} & set(o.policy.compression)
+    return bool(asked) and o.trace.messages is not None and any(m is not None for m in o.trace.messages)
+
+
+def _cascades(o: Outcome) -> bool:
+    return not o.forced and any(c.requested_model in o.policy.groups and
+                                o.policy.groups[c.requested_model].strategy == "cascade" for c in o.calls)
 
 
 def _learner(g: Any, policy: Policy) -> Learner:
@@ -218,7 +239,20 @@ def _prefix_pass(o: Outcome, progress: Progress | None) -> None:
 
 def _notes(o: Outcome, keyed: bool, learners: dict[str, Learner]) -> list[str]:
     pol, tr = o.policy, o.trace
-    notes = ["compression: not applied (margin.policy.compress is not in this build; it needs recorded messages)"]
+    notes = []
+    if pol.compression and tr.messages is None:
+        notes.append("compression: not applicable (the trace records no messages; `margin export trace` includes "
+                     "them for keys that log payloads)")
+    elif o.compression.get("summaries"):
+        notes.append("compression summaries: each summariser call is priced at its rates on the estimated tokens "
+                     "of its prompt (the dropped turns) and its full summary_max_tokens of output")
+    if pol.run_caps and not _has_runs(tr):
+        notes.append("run caps: not applicable (no request in the trace carries a run_id)")
+    elif pol.run_caps and any(c.max_repeats for c in pol.run_caps) and tr.messages is None and tr.prompts is None:
+        notes.append("run caps: max_repeats cannot be checked (the trace records no messages)")
+    if o.runs:
+        notes.append("run caps: a stopped run's later calls are replayed as recorded (and refused while the cap "
+                     "holds); an agent that gave up at the first refusal would not have sent them")
     if pol.cfg.cache.enabled and not keyed:
         notes.append("exact cache: not applicable (the trace records no prompt text, prompt hash or hash_ids)")
     if tr.hash_ids is None:
@@ -228,6 +262,6 @@ def _notes(o: Outcome, keyed: bool, learners: dict[str, Learner]) -> list[str]:
                      "back to the group's cheapest fitting model")
     if any(g.strategy == "least-latency" for g in pol.groups.values()):
         notes.append("least-latency groups: replay has no measured latency; the gateway's 'not yet measured' order")
-    if any(g.strategy == "cascade" for g in pol.groups.values()):
-        notes.append("cascade groups: only the first (cheapest) step is priced; escalations need answers")
+    if o.forced and any(g.strategy == "cascade" for g in pol.groups.values()):
+        notes.append("cascade groups: a migration serves every routed request by the candidate, without escalations")
     return notes

@@ -66,10 +66,13 @@ def _product(xs: list[int]) -> int:
 
 @dataclass
 class Routed:
-    """Per request: the served model's index in ``models`` (-1: refused), a reason index."""
+    """Per request: the served model's index in ``models`` (-1: refused), a reason index, and an
+    index into ``chains``: the decision's model then its fallbacks (a cascade's steps)."""
 
     model: np.ndarray
     reason: np.ndarray
+    chain: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    chains: list[tuple[int, ...]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     refusals: dict[str, int] = field(default_factory=dict)  # code -> count
     learned_without_prompt: int = 0
@@ -114,8 +117,9 @@ def route_all(calls: Sequence[Call], combo: np.ndarray, prompt_tokens: np.ndarra
     once per distinct triple; weighted groups draw per request and learned groups read each prompt."""
     n = combo.shape[0]
     index = {m: i for i, m in enumerate(models)}
-    out = Routed(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64))
+    out = Routed(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
     reason_ix: dict[str, int] = {}
+    chain_ix: dict[tuple[int, ...], int] = {(): 0}
 
     def put(rows: np.ndarray | int, d: RouteDecision | route.Refusal) -> None:
         if isinstance(d, route.Refusal):
@@ -124,6 +128,8 @@ def route_all(calls: Sequence[Call], combo: np.ndarray, prompt_tokens: np.ndarra
         else:
             out.model[rows] = index[d.model]
             text = d.reason
+            steps = tuple(index[m] for m in (d.model, *d.fallbacks) if m in index)
+            out.chain[rows] = chain_ix.setdefault(steps, len(chain_ix))
         out.reason[rows] = reason_ix.setdefault(text, len(reason_ix))
 
     strategy = np.array([groups[c.requested_model].strategy if c.requested_model in groups else ""
@@ -163,6 +169,7 @@ def route_all(calls: Sequence[Call], combo: np.ndarray, prompt_tokens: np.ndarra
     if progress and per_request.any():
         progress(int(per_request.sum()))
     out.reasons = list(reason_ix)
+    out.chains = list(chain_ix)
     return out
 
 

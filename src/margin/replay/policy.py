@@ -12,13 +12,13 @@ import re
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from margin import wiring
-from margin.config import Config, ConfigError, ModelConfig, parse_config
+from margin.config import CompressConfig, Config, ConfigError, ModelConfig, parse_config
 from margin.policy import route
 from margin.pricing import ModelRates, PriceBook, PricingError
 from margin.pricing.batch import batch_rates
@@ -26,6 +26,9 @@ from margin.pricing.batch import batch_rates
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 DEFAULT_START = datetime.fromisoformat("2026-01-05T00:00:00+00:00")  # a Monday, start of a month's first week
+
+
+Rate = Annotated[Decimal, Field(ge=0, le=1)]
 
 
 class _Strict(BaseModel):
@@ -61,6 +64,9 @@ class ReplaySettings(_Strict):
     exact_cache_on_blocks: bool = Field(default=True, description="token-only traces: equal hash_ids and length "
                                                                    "= the same prompt")
     reference_model: str | None = Field(default=None, description="routing savings are measured against it")
+    cascade_escalation_rate: Rate | dict[str, Rate] | None = Field(
+        default=None, description="share of verified cascade steps that escalate (one rate, or per group); "
+                                  "default: the ledger's, where the trace came from `margin export trace`")
     seed: int = 0
 
 
@@ -85,12 +91,21 @@ class Policy:
         self.groups = {g.name: wiring.group(g) for g in cfg.groups}
         self.budgets = [wiring.to_budget(b) for b in cfg.budgets]
         self.rate_limits = [wiring.to_rate_limit(r) for r in cfg.rate_limits]
+        self.run_caps = [wiring.to_run_cap(c) for c in cfg.run_caps]
+        # Route (model or group) -> its compression settings, as the gateway builds them.
+        self.compression: dict[str, CompressConfig] = wiring.compression_routes(cfg)
         known = set(self.models) | set(self.groups)
         for what, ref in (("model", settings.model), ("reference_model", settings.reference_model),
                           *(("model_map", v) for v in settings.model_map.values())):
             if ref is not None and ref not in known:
                 raise ConfigError(f"{name}: replay.{what} names {ref!r}, which is neither a model nor a group "
                                   f"of this policy (known: {', '.join(sorted(known))})")
+        rates = settings.cascade_escalation_rate
+        cascades = {g.name for g in cfg.groups if g.strategy == "cascade"}
+        if isinstance(rates, dict) and set(rates) - cascades:
+            raise ConfigError(f"{name}: replay.cascade_escalation_rate names {sorted(set(rates) - cascades)}, "
+                              f"which are not cascade groups of this policy (cascade groups: "
+                              f"{', '.join(sorted(cascades)) or 'none'})")
         if settings.reference_model is not None and settings.reference_model not in self.models:
             raise ConfigError(f"{name}: replay.reference_model must be a model, not the group "
                               f"{settings.reference_model!r}")

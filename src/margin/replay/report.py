@@ -9,8 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-LEVER_NAMES = {"routing": "routing", "budget_downgrade": "budget downgrades/caps", "budget_block": "budget blocks",
-               "exact_cache": "exact cache", "prefix_cache": "provider prefix cache", "batch": "batch lane"}
+LEVER_NAMES = {"routing": "routing", "cascade": "cascade escalations", "budget_downgrade": "budget downgrades/caps",
+               "budget_block": "budget blocks", "run_cap": "run caps", "exact_cache": "exact cache",
+               "compression": "compression (net of summaries)", "prefix_cache": "provider prefix cache",
+               "batch": "batch lane"}
 
 
 def _table(title: str, rows: list[dict[str, Any]], cols: list[str]) -> Table:
@@ -41,15 +43,16 @@ def print_result(console: Console, r: dict[str, Any]) -> None:
             {"": "saved", "value": f"{money(r['saved_usd'])} ({r['saved_pct']}%)"},
             {"": "served / cache hits / deferred", "value": trio(r["served"], r["cache_hits"], r["deferred"])},
             {"": "blocked / rate limited / refused", "value": trio(r["blocked"], r["rate_limited"], r["refused"])},
+            {"": "stopped by run caps", "value": f"{r.get('run_stopped', 0):,}"},
             {"": "downgraded / capped / batch lane", "value": trio(r["downgraded"], r["truncated"], r["batch_lane"])},
             {"": "tokens in / cached in / out", "value": trio(tok["input"], tok["cached_input"], tok["output"])}]
     console.print(_table("summary", head, ["", "value"]))
     levers = [{"lever": LEVER_NAMES[k], "saved_usd": money(v)} for k, v in r["levers"].items() if k in LEVER_NAMES]
-    levers.append({"lever": "compression", "saved_usd": "n/a"})
     console.print(_table("what each lever saved", levers, ["lever", "saved_usd"]))
     rows = [dict(m, cost_usd=money(m["cost_usd"])) for m in r["by_model"]]
-    console.print(_table("by model", rows, ["model", "requests", "cache_hits", "input_tokens", "cached_input_tokens",
-                                            "output_tokens", "batch_lane", "cost_usd"]))
+    console.print(_table("by model", rows, ["model", "requests", "side_calls", "cache_hits", "input_tokens",
+                                            "cached_input_tokens", "output_tokens", "batch_lane", "cost_usd"]))
+    _levers_detail(console, r)
     if r.get("by"):
         dim = r["by"]["dimension"]
         console.print(_table(f"by {dim}", [dict(x, cost_usd=money(x["cost_usd"])) for x in r["by"]["rows"]],
@@ -63,6 +66,29 @@ def print_result(console: Console, r: dict[str, Any]) -> None:
     console.print(_table("routes", r["routes"], ["reason", "requests"]))
     for note in r["notes"]:
         console.print(f"[dim]note: {note}[/]", highlight=False)
+
+
+def _levers_detail(console: Console, r: dict[str, Any]) -> None:
+    """Compression, cascade escalations and run caps, where the policy has them."""
+    c = r.get("compression")
+    if c:
+        console.print(_table("compression", [dict(c, summary_cost_usd=money(c["summary_cost_usd"]))],
+                             ["requests", "tokens_saved", "summaries", "summary_cache_hits", "summaries_refused",
+                              "summary_cost_usd"]))
+    if r.get("cascade"):
+        rows = [dict(g, escalation_cost_usd=money(g["escalation_cost_usd"])) for g in r["cascade"]]
+        console.print(_table("cascade escalations", rows, ["group", "verified", "escalated", "by_recorded",
+                                                           "by_checks", "by_rate", "rate", "rate_source",
+                                                           "escalation_cost_usd"]))
+    runs = r.get("runs")
+    if runs:
+        console.print(f"runs: {runs['runs']:,} in the trace, {runs['stopped_runs']:,} stopped, "
+                      f"{runs['stopped_calls']:,} calls refused, {money(runs['avoided_usd'])} USD not spent",
+                      highlight=False)
+        if runs["by_cap"]:
+            rows = [dict(x, avoided_usd=money(x["avoided_usd"])) for x in runs["by_cap"]]
+            console.print(_table("run caps (would have stopped)", rows,
+                                 ["cap", "limit", "runs", "calls", "avoided_usd", "first"]))
 
 
 def print_diff(console: Console, d: dict[str, Any]) -> None:

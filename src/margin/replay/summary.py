@@ -3,9 +3,14 @@
 Savings telescope from the reference (every request on its reference model at list price, no
 lever) down to what the policy pays, one lever at a time, so they add up exactly:
 
-  reference - routing - budget downgrades/caps - budget blocks - exact cache - prefix cache - batch = cost
+  reference - routing - cascade escalations - budget downgrades/caps - budget blocks - run caps
+            - exact cache - compression - prefix cache - batch = cost
 
-(a lever can be negative: e.g. routing to a dearer model than the reference)."""
+Each step prices every call (a request's own, its cascade escalations, its compression summaries:
+sections.Calls) with one more lever switched on. A lever can be negative: routing to a dearer model
+than the reference; cascade escalations (calls the reference never makes); compression whose
+summaries cost more than the tokens they save. The compression lever is the exact price
+difference of the smaller prompts, net of what the summariser calls cost."""
 
 from __future__ import annotations
 
@@ -16,10 +21,13 @@ import numpy as np
 
 from margin.domain import ZERO, usd
 from margin.pricing import ModelRates
+from margin.replay import sections
 from margin.replay.costing import BATCH, by_index, price_sum, total
-from margin.replay.engine import BLOCKED, CACHE_HIT, DEFERRED, RATE_LIMITED, REFUSED, SERVED, Outcome
+from margin.replay.engine import BLOCKED, CACHE_HIT, DEFERRED, RATE_LIMITED, REFUSED, RUN_STOPPED, SERVED, Outcome
+from margin.replay.outcome import ESCALATION, SUMMARY
 
-LEVERS = ("routing", "budget_downgrade", "budget_block", "exact_cache", "prefix_cache", "batch")
+LEVERS = ("routing", "cascade", "budget_downgrade", "budget_block", "run_cap", "exact_cache", "compression",
+          "prefix_cache", "batch")
 
 
 def _rates(o: Outcome, lane_aware: bool) -> Any:
@@ -33,67 +41,81 @@ def _rates(o: Outcome, lane_aware: bool) -> Any:
 def summarise(o: Outcome, by: str | None = None) -> dict[str, Any]:
     tr = o.trace
     n = len(tr)
+    c = sections.Calls.of(o)
     std, lane_rates = _rates(o, False), _rates(o, True)
-    zeros = np.zeros(n, dtype=np.int64)
-    orig_out = tr.output_tokens
-    alive = np.flatnonzero(o.status != REFUSED)
-    ref = np.where(o.reference >= 0, o.reference, o.chosen)
-    memo: dict[tuple[int, int, int, int, int], Decimal] = {}  # standard-rate cost per distinct request
+    zeros = np.zeros(c.kind.shape[0], dtype=np.int64)
+    memo: dict[tuple[int, int, int, int, int], Decimal] = {}  # standard-rate cost per distinct call
 
-    def std_sum(models: np.ndarray, cached: np.ndarray, out: np.ndarray, rows: np.ndarray) -> Decimal:
-        return total(price_sum(std, models, zeros, tr.input_tokens, cached, out, rows, memo=memo))
+    def std_sum(models: np.ndarray, inp: np.ndarray, cached: np.ndarray, out: np.ndarray, rows: np.ndarray) -> Decimal:
+        return total(price_sum(std, models, zeros, inp, cached, out, rows, memo=memo))
 
-    c0 = std_sum(ref, zeros, orig_out, alive)
-    c1 = std_sum(o.chosen, zeros, orig_out, alive)
-    refused_budget = np.flatnonzero((o.status == BLOCKED) | (o.status == RATE_LIMITED))
-    blocked_usd = std_sum(o.chosen, zeros, orig_out, refused_budget)
-    went = np.flatnonzero((o.status == SERVED) | (o.status == CACHE_HIT) | (o.status == DEFERRED))
-    c1_went = c1 - blocked_usd
-    c2 = std_sum(o.served, zeros, o.output, went)
-    hits = np.flatnonzero(o.status == CACHE_HIT)
-    hit_usd = std_sum(o.served, zeros, o.output, hits)
-    billed = np.flatnonzero((o.status == SERVED) | (o.status == DEFERRED))
-    c4 = std_sum(o.served, o.cached, o.output, billed)
+    main, esc, own = c.kind == 0, c.kind == ESCALATION, c.kind != SUMMARY
+    st = c.status
+    alive = np.flatnonzero(main & (st != REFUSED))
+    c0 = std_sum(c.ref, c.in0, zeros, c.out0, alive)
+    c1 = std_sum(c.chosen, c.in0, zeros, c.out0, alive)
+    escalations = std_sum(c.chosen, c.in0, zeros, c.out0, np.flatnonzero(esc))
+    refused_budget = np.flatnonzero(own & ((st == BLOCKED) | (st == RATE_LIMITED)))
+    blocked_usd = std_sum(c.chosen, c.in0, zeros, c.out0, refused_budget)
+    stopped = np.flatnonzero(own & (st == RUN_STOPPED))
+    stopped_usd = std_sum(c.chosen, c.in0, zeros, c.out0, stopped)
+    went = np.flatnonzero(own & ((st == SERVED) | (st == CACHE_HIT) | (st == DEFERRED)))
+    c2 = std_sum(c.served, c.in0, zeros, c.out1, went)
+    hits = np.flatnonzero(own & (st == CACHE_HIT))
+    hit_usd = std_sum(c.served, c.in0, zeros, c.out1, hits)
+    billed = c.billed()  # every kind: summaries are paid calls too
+    # Without compression or side calls the step is the previous one less the hits (spares a pass).
+    compressed = len(o.extras) > 0 or bool((c.in1 != c.in0).any())
+    c3 = std_sum(c.served, c.in1, zeros, c.out1, billed) if compressed else c2 - hit_usd
+    c4 = std_sum(c.served, c.in1, c.cached, c.out1, billed)
     codes = _by_codes(o, by)
-    final = price_sum(lane_rates, o.served, o.lane, tr.input_tokens, o.cached, o.output, billed, codes)
+    final = price_sum(lane_rates, c.served, c.lane, c.in1, c.cached, c.out1, billed,
+                      codes[c.req] if codes is not None else None)
     cost = total(final)
-    levers = {"routing": c0 - c1, "budget_downgrade": c1_went - c2, "budget_block": blocked_usd,
-              "exact_cache": hit_usd, "prefix_cache": c2 - hit_usd - c4, "batch": c4 - cost}
+    levers = {"routing": c0 - c1, "cascade": -escalations,
+              "budget_downgrade": c1 + escalations - blocked_usd - stopped_usd - c2, "budget_block": blocked_usd,
+              "run_cap": stopped_usd, "exact_cache": hit_usd, "compression": c2 - hit_usd - c3,
+              "prefix_cache": c3 - c4, "batch": c4 - cost}
     assert sum(levers.values(), ZERO) == c0 - cost  # the chain telescopes exactly
     by_model = by_index(final, 1)
+    mine_billed = billed[c.kind[billed] == 0]
     rows = []
     for m, name in enumerate(o.models):
-        mine = o.served[billed] == m
-        n_hits = int((o.served[hits] == m).sum())
-        if not mine.any() and not n_hits:
+        b = billed[c.served[billed] == m]
+        n_hits = int((c.served[st == CACHE_HIT] == m).sum())  # summaries' hits too
+        if not b.size and not n_hits:
             continue
-        b = billed[mine]
-        rows.append({"model": name, "requests": int(mine.sum()), "cache_hits": n_hits,
-                     "input_tokens": int(tr.input_tokens[b].sum()), "cached_input_tokens": int(o.cached[b].sum()),
-                     "output_tokens": int(o.output[b].sum()), "batch_lane": int((o.lane[b] == BATCH).sum()),
-                     "cost_usd": usd(by_model.get(m, ZERO))})
+        rows.append({"model": name, "requests": int((c.kind[b] == 0).sum()), "side_calls": int((c.kind[b] != 0).sum()),
+                     "cache_hits": n_hits, "input_tokens": int(c.in1[b].sum()),
+                     "cached_input_tokens": int(c.cached[b].sum()), "output_tokens": int(c.out1[b].sum()),
+                     "batch_lane": int((c.lane[b] == BATCH).sum()), "cost_usd": usd(by_model.get(m, ZERO))})
+    main_st = o.status
     result: dict[str, Any] = {
         "policy": o.policy.name, "trace": tr.summary(), "start": o.start.isoformat(),
-        "requests": n, "served": int(billed.size), "cache_hits": int(hits.size),
-        "blocked": int((o.status == BLOCKED).sum()), "rate_limited": int((o.status == RATE_LIMITED).sum()),
-        "deferred": int((o.status == DEFERRED).sum()), "refused": int((o.status == REFUSED).sum()),
+        "requests": n, "served": int(mine_billed.size), "cache_hits": int((main_st == CACHE_HIT).sum()),
+        "blocked": int((main_st == BLOCKED).sum()), "rate_limited": int((main_st == RATE_LIMITED).sum()),
+        "deferred": int((main_st == DEFERRED).sum()), "refused": int((main_st == REFUSED).sum()),
+        "run_stopped": int((main_st == RUN_STOPPED).sum()),
         "downgraded": int(o.downgraded.sum()), "truncated": int(o.truncated.sum()),
-        "batch_lane": int((o.lane[billed] == BATCH).sum()),
+        "batch_lane": int((o.lane[mine_billed] == BATCH).sum()),
         "cost_usd": usd(cost), "reference_cost_usd": usd(c0),
         "saved_usd": usd(c0 - cost), "saved_pct": _pct(c0 - cost, c0),
-        "levers": {k: usd(v) for k, v in levers.items()} | {"compression": None},
-        "tokens": {"input": int(tr.input_tokens[billed].sum()), "cached_input": int(o.cached[billed].sum()),
-                   "output": int(o.output[billed].sum()),
-                   "saved_by_cache": int(tr.input_tokens[hits].sum() + o.output[hits].sum())},
-        "by_model": rows, "routes": _routes(o), "budgets": _budgets(o), "notes": o.notes,
-        "refusals": o.routed.refusals, "decide_calls": o.routed.decide_calls,
+        "levers": {k: usd(v) for k, v in levers.items()},
+        "tokens": {"input": int(c.in1[billed].sum()), "cached_input": int(c.cached[billed].sum()),
+                   "output": int(c.out1[billed].sum()),
+                   "saved_by_cache": int(c.in0[hits].sum() + c.out1[hits].sum()),
+                   "saved_by_compression": int((c.in0 - c.in1)[billed[c.kind[billed] != SUMMARY]].sum())},
+        "by_model": rows, "routes": _routes(o), "budgets": _budgets(o),
+        "compression": sections.compression(o, c, lane_rates), "cascade": sections.cascade(o, c, lane_rates),
+        "runs": sections.runs(o, c, std_sum, zeros),
+        "notes": o.notes, "refusals": o.routed.refusals, "decide_calls": o.routed.decide_calls,
         "elapsed_s": round(o.elapsed_s, 3),
     }
     if by and codes is not None:
         names = _by_names(o, by)
         per = by_index(final, 0)
         result["by"] = {"dimension": by, "rows": [
-            {by: names[g], "requests": int((codes[billed] == g).sum()), "cost_usd": usd(v)}
+            {by: names[g], "requests": int((codes[mine_billed] == g).sum()), "cost_usd": usd(v)}
             for g, v in sorted(per.items(), key=lambda kv: -kv[1])]}
     return result
 
@@ -173,6 +195,6 @@ def diff(current: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
         "baseline_cost_usd": usd(base), "delta_usd": usd(cur - base), "delta_pct": _pct(cur - base, base),
         "by_model": per_model,
         "levers": {k: usd(dec(current["levers"].get(k)) - dec(baseline["levers"].get(k))) for k in LEVERS},
-        "counts": {k: current[k] - baseline[k] for k in ("served", "cache_hits", "blocked", "deferred",
-                                                         "downgraded", "truncated", "batch_lane")},
+        "counts": {k: current.get(k, 0) - baseline.get(k, 0) for k in (
+            "served", "cache_hits", "blocked", "run_stopped", "deferred", "downgraded", "truncated", "batch_lane")},
     }
