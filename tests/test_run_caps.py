@@ -219,3 +219,24 @@ def test_run_caps_shared_by_replicas_on_redis(mock_upstream: Mock, tmp_path: Pat
         for gw in gws:
             assert gw.proc is not None
             stop(gw.proc)
+
+
+def test_admin_runs_show_runs_and_live_cap_counters(capped: Any) -> None:
+    gw, _ = capped
+    key = gw.create_key(team="support")["key"]
+    for i in range(3):
+        assert _chat(gw, key, "visible-run", f"step {i}").status_code == 200
+    _chat(gw, key, "spender", "costly step", workflow="pricey")
+    admin = {"Authorization": f"Bearer {gw.admin_key}"}
+    gw.events(expect=4)
+    listed = httpx.get(gw.url + "/admin/runs?since=1h&workflow=triage", headers=admin).json()["data"]
+    run = next(r for r in listed if r["run_id"] == "visible-run")
+    assert run["calls"] == 3 and run["workflow"] == "triage" and Decimal(run["cost_usd"]) > 0
+    one = httpx.get(gw.url + "/admin/runs/visible-run", headers=admin).json()
+    assert [s["step"] for s in one["steps"]] == [None, None, None] and len(one["steps"]) == 3
+    cap = one["caps"][0]
+    assert cap["cap"] == "triage" and cap["calls"] == {"used": 3, "limit": 6}
+    spender = httpx.get(gw.url + "/admin/runs/spender", headers=admin).json()["caps"][0]
+    assert spender["cap"] == "pricey" and Decimal(spender["usd"]["spent"]) > 0 and spender["usd"]["limit"] == "0.002"
+    assert httpx.get(gw.url + "/admin/runs/nope", headers=admin).status_code == 404
+    assert httpx.get(gw.url + "/admin/runs", headers={"Authorization": f"Bearer {key}"}).status_code == 401

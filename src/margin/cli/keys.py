@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from margin.cli.audit import record_cli
 from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
 from margin.ledger import open_store
 from margin.ledger.keys import key_to_row, new_key, public_view, row_to_key
@@ -57,6 +58,7 @@ def create(
             await store.insert_key(key_to_row(key))
         finally:
             await store.close()
+        await record_cli(cfg.ledger.url, "key.create", key.key_id, None, public_view(key))
 
     asyncio.run(run())
     if json:
@@ -95,18 +97,25 @@ def list_(config: Path = CONFIG_OPT, json: bool = typer.Option(False, "--json"))
 
 @app.command("revoke")
 def revoke(key_id: str, config: Path = CONFIG_OPT, json: bool = typer.Option(False, "--json")) -> None:
-    """Revoke a key: requests with it get 401 (on other replicas within key_cache_ttl_s)."""
+    """Revoke a key: requests with it get 401 (on every replica within 1 s)."""
     cfg = config_or_exit(config)
 
     async def run() -> bool:
         store = open_store(cfg.ledger.url)
         await store.open()
         try:
-            if await store.key_by_id(key_id) is None:
+            before = await store.key_by_id(key_id)
+            if before is None:
                 fail(f"no key with id {key_id}")
-            return await store.revoke_key(key_id, datetime.now(UTC))
+                raise AssertionError  # fail() exits
+            changed = await store.revoke_key(key_id, datetime.now(UTC))
+            after = await store.key_by_id(key_id)
         finally:
             await store.close()
+        if changed and after is not None:  # a no-op revoke is not a change
+            await record_cli(cfg.ledger.url, "key.revoke", key_id, public_view(row_to_key(before)),
+                             public_view(row_to_key(after)))
+        return changed
 
     changed = asyncio.run(run())
     if json:

@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from margin import __version__
+from margin.cli import audit as audit_cli
 from margin.cli import budgets, cache, export, forecast, keys, report, router
+from margin.cli import distill as distill_cli
 from margin.cli import plan as plan_cli
 from margin.cli import replay as replay_cli
 from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_table
@@ -23,6 +25,8 @@ app.add_typer(report.app, name="report")
 app.add_typer(forecast.app, name="forecast")
 app.add_typer(export.app, name="export")
 app.add_typer(plan_cli.app, name="plan")
+app.add_typer(audit_cli.app, name="audit")
+app.add_typer(distill_cli.app, name="distill")
 app.command("replay")(replay_cli.replay_command)
 export.app.command("trace", help="The ledger as a replayable trace (margin trace JSONL).")(replay_cli.export_trace)
 config_app = typer.Typer(help="Validate configuration.", no_args_is_help=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from margin.gateway import budget_admin
+from margin.gateway import audit, budget_admin
 from margin.gateway.auth import is_admin
 from margin.gateway.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, Unauthorized
 from margin.gateway.pipeline import JSON_HEADERS, Headers
@@ -61,14 +61,22 @@ def _check_models(app: MarginApp, spec: dict[str, Any]) -> None:
 
 
 async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str],
-                 body: bytes) -> tuple[int, Headers, bytes]:
+                 body: bytes, scope: dict[str, Any] | None = None) -> tuple[int, Headers, bytes]:
     if not app.cfg.admin_key:
         raise Forbidden("The admin API is disabled: set admin_key in margin.yaml", code="admin_disabled")
     if not is_admin(headers.get("authorization"), app.cfg.admin_key):
         raise Unauthorized("The admin API needs 'Authorization: Bearer <admin_key>'", code="invalid_admin_key")
     parts = path.strip("/").split("/")  # ["admin", "keys" | "budgets", id?]
+    who = audit.who(scope)  # audit (issue 11): the actor and client address of the changes below
+    if len(parts) in (2, 3) and parts[1].partition("?")[0] == "audit":
+        return await audit.handle(app, method, path, scope)
+    if len(parts) in (2, 3) and parts[1] == "runs":  # agent runs and their caps (issue 6)
+        from margin.gateway import runs_admin
+
+        query = (scope or {}).get("query_string", b"").decode("latin-1")
+        return await runs_admin.handle(app, method, parts, query)
     if len(parts) in (2, 3) and parts[1] == "budgets":
-        return await budget_admin.handle(app, method, parts, body)
+        return await budget_admin.handle(app, method, parts, body, who)
     if len(parts) < 2 or parts[1] != "keys" or len(parts) > 3:
         raise NotFound(f"Unknown admin path {path}", code="unknown_url")
     key_id = parts[2] if len(parts) == 3 else None
@@ -81,6 +89,7 @@ async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str]
             _check_models(app, spec)
             secret, key = new_key(**spec)
             await app.store.insert_key(key_to_row(key))
+            await audit.record(app, who, "key.create", key.key_id, None, public_view(key))  # audit: never the secret
             return _json(201, {"key": secret, **public_view(key)})
         raise MethodNotAllowed(f"{path} takes GET or POST")
     row = await app.store.key_by_id(key_id)
@@ -103,4 +112,7 @@ async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str]
     app.keys.forget(key_id)
     fresh = await app.store.key_by_id(key_id)
     assert fresh is not None
+    # audit (issue 11): public views only (never the key's hash); nothing is recorded if nothing changed
+    await audit.record(app, who, "key.revoke" if method == "DELETE" else "key.update", key_id,
+                       public_view(row_to_key(row)), public_view(row_to_key(fresh)))
     return _json(200, public_view(row_to_key(fresh)))

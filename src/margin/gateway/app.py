@@ -15,7 +15,7 @@ import orjson
 from margin import wiring
 from margin.config import Config
 from margin.domain import Endpoint
-from margin.gateway import admin
+from margin.gateway import admin, audit
 from margin.gateway.auth import KeyRing
 from margin.gateway.batch_worker import BatchLane
 from margin.gateway.batches import PREFIXES as BATCH_PREFIXES
@@ -126,6 +126,9 @@ class MarginApp:
         from margin.gateway import semantic
 
         self.pipeline.semantic = semantic.make(cfg, self.prices)  # None unless a route opted in
+        from margin.gateway.audit import Auditor
+
+        self.audit = Auditor(cfg.ledger.url)  # who changed what (issue 11): admin changes and each start's config
 
     @staticmethod
     def _load_routers(cfg: Config) -> dict[str, tuple[Any, dict[str, str]]]:
@@ -157,6 +160,7 @@ class MarginApp:
 
         self.reconciler = await start_reconciler(self)
         await self.payloads.start()
+        await self.audit.start(self.cfg)  # records this start's configuration and what changed since the last
         self._refresher = asyncio.create_task(self._refresh_budgets(), name="budget-refresh")
         if self.lane is not None:
             await self.lane.start()
@@ -195,6 +199,7 @@ class MarginApp:
         if self.reconciler is not None:
             await self.reconciler.close()
         await self.payloads.close()
+        await self.audit.close()
         if self.lane is not None:  # before the writer and providers close: running items finish first
             await self.lane.stop()
         if self.pipeline.semantic is not None:
@@ -268,7 +273,7 @@ class MarginApp:
             if path.startswith(BATCH_PREFIXES):  # the batch lane (issue 5); needs the query string
                 status, hdrs, payload = await handle_batches(self, method, path, scope, headers, receive)
             else:
-                status, hdrs, payload = await self._other(method, path, headers, receive)
+                status, hdrs, payload = await self._other(method, path, headers, receive, scope)
             await out.respond(status, hdrs, payload)
         except GatewayError as e:
             await out.respond(e.status, JSON_HEADERS, e.body())
@@ -276,7 +281,7 @@ class MarginApp:
             return
 
     async def _other(self, method: str, path: str, headers: dict[str, str],
-                     receive: Receive) -> tuple[int, Headers, bytes]:
+                     receive: Receive, scope: Scope | None = None) -> tuple[int, Headers, bytes]:
         if path == "/health":
             return 200, JSON_HEADERS, orjson.dumps({"status": "ok", "ledger": self.ledger_stats(),
                                                     "providers": sorted(self.providers),
@@ -303,7 +308,7 @@ class MarginApp:
             return await outcomes.handle(self, headers, await self._read_body(headers, receive))
         if path.startswith("/admin/"):
             body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
-            return await admin.handle(self, method, path, headers, body)
+            return await admin.handle(self, method, path, headers, body, scope)  # scope: client address, query
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 
 

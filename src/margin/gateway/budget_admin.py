@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from margin.config import BudgetConfig
 from margin.domain import usd
 from margin.domain.budget import CounterState, Hold, from_units, to_units
+from margin.gateway import audit
 from margin.gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from margin.gateway.pipeline import JSON_HEADERS, Headers
 from margin.policy import budget as policy
@@ -71,7 +72,8 @@ async def status(app: MarginApp, budget_id: str) -> dict[str, Any]:
             "fired": [f for f in g.fired if f["budget"] == budget_id][-20:]}
 
 
-async def handle(app: MarginApp, method: str, parts: list[str], body: bytes) -> tuple[int, Headers, bytes]:
+async def handle(app: MarginApp, method: str, parts: list[str], body: bytes,
+                 who: audit.Who | None = None) -> tuple[int, Headers, bytes]:
     """parts: ["admin", "budgets", id?]."""
     budget_id = parts[2] if len(parts) == 3 else None
     if budget_id is None and method == "GET":
@@ -89,7 +91,10 @@ async def handle(app: MarginApp, method: str, parts: list[str], body: bytes) -> 
         unknown = sorted(models - set(app.targets))
         if unknown:
             raise BadRequest(f"Downgrade map names unknown model(s): {', '.join(unknown)}", code="invalid_budget")
+        before = await audit.budget_before(app, cfg.id)  # audit (issue 11)
         await app.store.put_budget(cfg.id, cfg.model_dump_json(), datetime.now(UTC))
+        await audit.record(app, who, "budget.create" if before is None else "budget.update", cfg.id, before,
+                           orjson.loads(cfg.model_dump_json()))
         await reload(app)
         return 200, JSON_HEADERS, orjson.dumps(await status(app, cfg.id))
     if budget_id is None:
@@ -99,7 +104,9 @@ async def handle(app: MarginApp, method: str, parts: list[str], body: bytes) -> 
     if method == "GET":
         return 200, JSON_HEADERS, orjson.dumps(await status(app, budget_id))
     if method == "DELETE":
+        before = await audit.budget_before(app, budget_id)  # audit (issue 11)
         await app.store.put_budget(budget_id, None, datetime.now(UTC))
+        await audit.record(app, who, "budget.delete", budget_id, before, None)
         await reload(app)
         return 200, JSON_HEADERS, orjson.dumps({"id": budget_id, "deleted": True})
     raise MethodNotAllowed(f"/admin/budgets/{budget_id} takes GET, PUT or DELETE")

@@ -123,6 +123,17 @@ SCHEMAS: dict[str, Any] = {
     "BudgetStatus": {"type": "object", "properties": {"id": {"type": "string"},
                                                       "counters": {"type": "array", "items": {"type": "object"}}}},
     "BudgetList": {"type": "object", "properties": {"data": {"type": "array", "items": _ref("BudgetStatus")}}},
+    "RunList": {"type": "object", "properties": {"object": {"type": "string"}, "since": {"type": "string"},
+                                                  "data": {"type": "array", "items": {"type": "object"}}}},
+    "Run": {"type": "object", "properties": {"run_id": {"type": "string"}, "calls": {"type": "integer"},
+                                              "cost_usd": {"type": "string"}, "steps": {"type": "array"},
+                                              "caps": {"type": "array"}}},
+    "AuditList": {"type": "object", "properties": {"object": {"type": "string"}, "has_more": {"type": "boolean"},
+                                                    "data": {"type": "array", "items": {"type": "object"}},
+                                                    "head": {"type": "object"}}},
+    "AuditVerify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "records": {"type": "integer"},
+                                                      "bad_seq": {"type": "integer", "nullable": True},
+                                                      "reason": {"type": "string", "nullable": True}}},
     "OutcomeReport": {"type": "object", "required": ["run_id", "status"],
                       "properties": {"run_id": {"type": "string", "minLength": 1}, "status": {"type": "string"},
                                      "workflow": {"type": "string"}, "value_usd": {"type": "number"},
@@ -134,6 +145,14 @@ SCHEMAS: dict[str, Any] = {
 
 _KEY_ID = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _BUDGET_ID = [{"name": "budget_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_RUNS_QUERY = [{"name": "since", "in": "query", "schema": {"type": "string"}},
+               {"name": "workflow", "in": "query", "schema": {"type": "string"}},
+               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
+_AUDIT_QUERY = [{"name": n, "in": "query", "schema": {"type": "string"}}
+                for n in ("since", "target", "action", "actor")] + [
+    {"name": "before_seq", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
 
 
 def _ok(schema: str, status: int = 200, sse: bool = False) -> dict[str, Any]:
@@ -183,6 +202,14 @@ def document() -> dict[str, Any]:
             "delete": _op("Delete a budget", _ok("BudgetStatus"), admin=True, codes=_ADMIN_ERRORS,
                           params=_BUDGET_ID),
         },
+        "/admin/runs": {"get": _op("Recent agent runs (newest first)", _ok("RunList"), admin=True,
+                                   codes=_ADMIN_ERRORS, params=_RUNS_QUERY)},
+        "/admin/runs/{run_id}": {"get": _op("One run's steps and the live state of its caps", _ok("Run"), admin=True,
+                                            codes=_ADMIN_ERRORS, params=_RUN_ID)},
+        "/admin/audit": {"get": _op("The audit log (hash-chained)", _ok("AuditList"), admin=True,
+                                    codes=_ADMIN_ERRORS, params=_AUDIT_QUERY)},
+        "/admin/audit/verify": {"get": _op("Recompute the audit chain", _ok("AuditVerify"), admin=True,
+                                           codes=_ADMIN_ERRORS)},
     }
     ops = {
         "/health": {"get": _op("Liveness, ledger state, circuits", _ok("Health"), security=False)},

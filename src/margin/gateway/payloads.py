@@ -4,7 +4,8 @@ Off by default. A key opts in with the key tag `log_payloads=true` (set by an ad
 request headers cannot set it, see request.RESERVED_TAGS). Then the request body and the response
 text of each call are written to the ledger database's `payloads` table (one row per event id),
 after secrets are redacted: API-key-like strings (sk-..., mk-..., AKIA..., GitHub/Slack/Google
-tokens), bearer tokens, JWTs, PEM private keys and e-mail addresses.
+tokens), bearer tokens, JWTs, PEM private keys, e-mail addresses, payment card numbers (Luhn-checked)
+and phone numbers.
 
 Capture never blocks a request: rows go through a bounded queue to one task that writes batches
 with its own connection (the ledger writer's path stays as it is). Payloads are a convenience, not
@@ -44,11 +45,26 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("slack_token", r"\bxox[abposr]-[A-Za-z0-9\-]{10,}"),
     ("google_api_key", r"\bAIza[0-9A-Za-z_\-]{35}"),
     ("email", r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"),
+    # Added for distillation exports (issue 11). Card numbers: 13-19 digits, spaces or dashes allowed,
+    # kept only if the Luhn check passes (so order numbers mostly survive). Phones: international
+    # (+country ...) or North American (555) 123-4567 / 555-123-4567 shapes, not bare digit runs,
+    # so arithmetic in prompts is left alone.
+    ("card_number", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
+    ("phone", r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}\b"
+              r"|(?<![\w(])(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}\b"),
 )
 _SECRETS = re.compile("|".join(f"(?P<{name}>{rx})" for name, rx in _PATTERNS))
 
 
+def _luhn(text: str) -> bool:
+    digits = [int(c) for c in text if c.isdigit()]
+    total = sum(d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2) for i, d in enumerate(reversed(digits)))
+    return total % 10 == 0
+
+
 def _mark(m: re.Match[str]) -> str:
+    if m.lastgroup == "card_number" and not _luhn(m.group(0)):
+        return m.group(0)
     return f"[REDACTED:{m.lastgroup}]"
 
 

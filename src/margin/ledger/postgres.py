@@ -161,11 +161,13 @@ class PostgresStore:
     async def count_events(self) -> int:
         return int((await self._fetch("SELECT COUNT(*) FROM events"))[0][0])
 
-    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None,
+                           run_id: str | None = None, runs_only: bool = False) -> list[Row]:
         rows = await self._fetch(
             "SELECT * FROM events WHERE ($1::timestamptz IS NULL OR ts_start >= $1) "
-            "AND ($2::timestamptz IS NULL OR ts_start < $2) ORDER BY ts_start",
-            since, until,
+            "AND ($2::timestamptz IS NULL OR ts_start < $2) AND ($3::text IS NULL OR run_id = $3) "
+            "AND (NOT $4 OR run_id IS NOT NULL) ORDER BY ts_start",
+            since, until, run_id, runs_only,
         )
         out = [_from_pg(r) for r in rows]
         for r in out:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from margin.domain import Event, usd
+from margin.ledger.audit import AUDIT_POSTGRES, AUDIT_SQLITE
 from margin.ledger.jobs_schema import JOBS_POSTGRES, JOBS_SQLITE
 
 Row = dict[str, Any]
@@ -204,6 +205,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     # Tool calls an answer asked the client to run: run caps count them, reports show them per run.
     Migration(6, "events.tool_calls", ("ALTER TABLE events ADD COLUMN tool_calls INTEGER",),
               ("ALTER TABLE events ADD COLUMN IF NOT EXISTS tool_calls INTEGER",)),
+    # The audit log (issue 11): every change to keys, budgets and config, hash-chained, append-only
+    # (triggers refuse UPDATE/DELETE); the SQL that appends and reads it is in ledger/audit.py.
+    Migration(7, "audit log", AUDIT_SQLITE, AUDIT_POSTGRES),
 )
 
 

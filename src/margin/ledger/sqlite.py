@@ -102,15 +102,19 @@ class SQLiteStore:
     async def count_events(self) -> int:
         return int(await self._call(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]))
 
-    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
+    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None,
+                           run_id: str | None = None, runs_only: bool = False) -> list[Row]:
         # ISO-8601 UTC strings sort as time does, so text comparison is a time comparison.
         lo = (since or datetime(1970, 1, 1, tzinfo=UTC)).isoformat()
         hi = (until or datetime(9999, 1, 1, tzinfo=UTC)).isoformat()
+        where, args = "ts_start >= ? AND ts_start < ?", [lo, hi]
+        if run_id is not None:
+            where, args = where + " AND run_id = ?", [*args, run_id]
+        elif runs_only:
+            where += " AND run_id IS NOT NULL"
 
         def fetch(c: sqlite3.Connection) -> list[Row]:
-            cur = c.execute(
-                "SELECT * FROM events WHERE ts_start >= ? AND ts_start < ? ORDER BY ts_start", (lo, hi)
-            )
+            cur = c.execute(f"SELECT * FROM events WHERE {where} ORDER BY ts_start", args)
             return [dict(r) for r in cur.fetchall()]
 
         rows: list[Row] = await self._call(fetch)

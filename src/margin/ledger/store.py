@@ -31,8 +31,10 @@ class Store(Protocol):
 
     async def count_events(self) -> int: ...
 
-    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None) -> list[Row]:
-        """Rows as JSON-able values (money as str, time as ISO text), oldest first."""
+    async def fetch_events(self, since: datetime | None = None, until: datetime | None = None,
+                           run_id: str | None = None, runs_only: bool = False) -> list[Row]:
+        """Rows as JSON-able values (money as str, time as ISO text), oldest first; only one run's
+        (`run_id`), or only calls that belong to a run (`runs_only`)."""
 
     async def insert_key(self, row: Row) -> None: ...
 
