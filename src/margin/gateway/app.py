@@ -272,6 +272,12 @@ class MarginApp:
                 return
             if path.startswith(BATCH_PREFIXES):  # the batch lane (issue 5); needs the query string
                 status, hdrs, payload = await handle_batches(self, method, path, scope, headers, receive)
+            elif path == "/ui" or path.startswith("/ui/"):  # the dashboard (issue 9); changes go through admin
+                from margin.ui.web import handle as handle_ui
+
+                body = await self._read_body(headers, receive) if method == "POST" else b""
+                audit.via_dashboard(scope)  # admin changes made by this request are the dashboard's (audit log)
+                status, hdrs, payload = await handle_ui(self, admin.handle, method, path, scope, headers, body)
             else:
                 status, hdrs, payload = await self._other(method, path, headers, receive, scope)
             await out.respond(status, hdrs, payload)

@@ -1,0 +1,170 @@
+"""Dashboard sessions: a signed, expiring cookie naming who signed in, and CSRF tokens bound to it.
+
+The cookie is `base64(json).base64(HMAC-SHA256)` (stdlib only). It is stateless, so every replica
+sharing the secret accepts it: the secret is `MARGIN_UI_SECRET` if set, else derived from the admin
+key (rotating the admin key signs everyone out), else random per process (sessions then last until
+a restart and do not cross replicas). The cookie never holds a key: an admin session holds a
+fingerprint of the admin key it was opened with, a viewer session the id of its key, which is read
+again on every request, so revoking the key ends the session at once."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+COOKIE = "margin_ui"
+LOGIN_COOKIE = "margin_ui_login"  # binds the sign-in form's CSRF token before there is a session
+TTL_S = 8 * 3600
+LOGIN_TTL_S = 1800
+VIEWER_TAG = ("role", "viewer")  # a team viewer key is a virtual key with this tag and a team
+
+Role = Literal["admin", "viewer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    role: Role
+    nonce: str  # per sign-in; CSRF tokens derive from it
+    expires: int  # epoch seconds
+    team: str = ""  # viewer: the only team whose rows it may see
+    key_id: str = ""  # viewer: the key it signed in with
+    admin_fp: str = ""  # admin: fingerprint of the admin key it signed in with
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def who(self) -> str:
+        return "admin" if self.is_admin else f"viewer of team {self.team}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Signer:
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("the dashboard session secret must be at least 16 bytes")
+        self._secret = secret
+
+    @classmethod
+    def for_gateway(cls, admin_key: str | None) -> Signer:
+        env = os.environ.get("MARGIN_UI_SECRET", "")
+        if env:
+            return cls(hashlib.sha256(env.encode()).digest())
+        if admin_key:
+            return cls(hmac.new(admin_key.encode(), b"margin-ui-session-v1", hashlib.sha256).digest())
+        return cls(secrets.token_bytes(32))
+
+    def _mac(self, purpose: str, data: bytes) -> bytes:
+        return hmac.new(self._secret, purpose.encode() + b"\x00" + data, hashlib.sha256).digest()
+
+    def sign(self, payload: dict[str, Any], purpose: str = "session") -> str:
+        body = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        return f"{_b64(body)}.{_b64(self._mac(purpose, body))}"
+
+    def unsign(self, token: str, now: float, purpose: str = "session") -> dict[str, Any] | None:
+        """The payload if the signature is ours and it has not expired, else None."""
+        body_text, _, mac_text = token.partition(".")
+        try:
+            body, mac = _unb64(body_text), _unb64(mac_text)
+        except ValueError:
+            return None
+        if not hmac.compare_digest(mac, self._mac(purpose, body)):
+            return None
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(payload, dict) or not isinstance(payload.get("exp"), int) or payload["exp"] <= now:
+            return None
+        return payload
+
+    def fingerprint(self, admin_key: str) -> str:
+        return self._mac("admin", admin_key.encode()).hex()[:32]
+
+    def csrf(self, nonce: str) -> str:
+        return self._mac("csrf", nonce.encode()).hex()[:40]
+
+    def csrf_ok(self, nonce: str, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(self.csrf(nonce).encode(), (token or "").encode())
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def issue(self, s: Session) -> str:
+        return self.sign({"r": s.role, "n": s.nonce, "exp": s.expires, "t": s.team, "k": s.key_id,
+                          "a": s.admin_fp})
+
+    def session(self, token: str | None, now: float) -> Session | None:
+        if not token:
+            return None
+        p = self.unsign(token, now)
+        if p is None or p.get("r") not in ("admin", "viewer"):
+            return None
+        return Session(role=p["r"], nonce=str(p.get("n", "")), expires=int(p["exp"]), team=str(p.get("t", "")),
+                       key_id=str(p.get("k", "")), admin_fp=str(p.get("a", "")))
+
+    def login_nonce(self, token: str | None, now: float) -> str | None:
+        p = self.unsign(token, now, purpose="login") if token else None
+        return str(p["n"]) if p else None
+
+    def new_login(self, now: float) -> tuple[str, str]:
+        """(cookie value, nonce) for the sign-in form."""
+        nonce = secrets.token_urlsafe(16)
+        return self.sign({"n": nonce, "exp": int(now) + LOGIN_TTL_S}, purpose="login"), nonce
+
+
+def is_viewer_key(tags: dict[str, str], team: str) -> bool:
+    return tags.get(VIEWER_TAG[0]) == VIEWER_TAG[1] and bool(team)
+
+
+Lookup = Callable[[str], Awaitable[Any]]  # KeyRing.lookup: secret -> VirtualKey | None (hash compared in constant time)
+
+
+async def sign_in(secret: str, admin_key: str | None, lookup: Lookup, signer: Signer, now: float) -> Session | str:
+    """A session for the admin key or a team viewer key, or the reason sign-in failed."""
+    secret = secret.strip()
+    if not secret:
+        return "Paste the admin key or a team viewer key."
+    nonce = secrets.token_urlsafe(16)
+    expires = int(now) + TTL_S
+    if admin_key and hmac.compare_digest(secret.encode(), admin_key.encode()):
+        return Session("admin", nonce, expires, admin_fp=signer.fingerprint(admin_key))
+    key = await lookup(secret)
+    if key is None or not key.active:
+        return "That key is not valid (unknown or revoked)."
+    tags = dict(key.tags)
+    if not is_viewer_key(tags, key.team):
+        return ("That key is a model-call key, not a viewer key: sign in with the admin key, or a key with a team "
+                "and the tag role=viewer.")
+    return Session("viewer", nonce, expires, team=key.team, key_id=key.key_id)
+
+
+def cookie(name: str, value: str, max_age: int, secure: bool) -> bytes:
+    """HttpOnly (no script reads it), SameSite=Strict (no cross-site request carries it), scoped to /ui."""
+    parts = [f"{name}={value}", "Path=/ui", f"Max-Age={max_age}", "HttpOnly", "SameSite=Strict"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts).encode()
+
+
+def read_cookies(header: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (header or "").split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k and k not in out:
+            out[k] = v
+    return out
