@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install install-base install-local services demo stop test lint typecheck bench soak clean
+.PHONY: browser focus
 
 install: install-base install-local ## .venv with every extra (compiles llama.cpp once: ~12 min on 2 cores)
 
@@ -25,6 +26,12 @@ $(VENV)/.local: $(VENV)/.base
 services: ## make sure PostgreSQL and Redis answer on loopback (installs/starts them if needed)
 	@bash scripts/services.sh
 
+browser: ## Debian's chromium for the dashboard's browser tests (Playwright never downloads one)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+focus: install-base ## the FOCUS 1.2 export checked by focus-validator 2.2.1 (its own Python 3.12 venv)
+	bash scripts/focus-validate.sh
+
 demo: install-base services
 	@if [ "$${MARGIN_DEMO_LOCAL:-1}" != "0" ]; then $(MAKE) --no-print-directory install-local; fi
 	$(BIN)/python scripts/demo.py
@@ -38,8 +45,9 @@ lint: install-base
 typecheck: install-base
 	$(BIN)/mypy
 
-test: install services lint typecheck
+test: install services browser lint typecheck
 	MARGIN_REQUIRE_LOCAL=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	bash scripts/focus-validate.sh
 
 bench: install-base services
 	bash bench/setup_litellm.sh

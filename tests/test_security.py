@@ -364,3 +364,13 @@ def test_payload_logging_is_opt_in_redacted_and_nowhere_else(mock_upstream: Mock
     finally:
         assert gw.proc is not None
         stop(gw.proc)
+
+
+def test_viewer_keys_cannot_spend(gateway: Gateway) -> None:
+    """A dashboard viewer key reads its team's spend in /ui; it may not call models or report outcomes."""
+    viewer = gateway.create_key(team="support", tags={"role": "viewer"})
+    r = post(gateway, viewer["key"], CHAT)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "viewer_key"
+    r = httpx.post(gateway.base_url + "/outcomes", json={"run_id": "x", "status": "success"},
+                   headers={"Authorization": f"Bearer {viewer['key']}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "viewer_key"

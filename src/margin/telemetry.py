@@ -72,6 +72,12 @@ class Telemetry:
         self.budget_actions = Counter(
             "margin_budget_actions", "Budget and rate-limit actions (notify, downgrade, defer, block, rate_limit)",
             ["budget", "action"], registry=r)
+        self.cache_lookups = Counter(
+            "margin_cache_lookups", "Cache lookups by result (hit, semantic_hit, miss)", ["result"], registry=r)
+        self.budget_used = Gauge(
+            "margin_budget_used_ratio", "Spent + reserved over the limit, per budget (its busiest counter), "
+            "as this replica last saw it", ["budget"], registry=r)
+        self._budget_usage: Callable[[], dict[str, float]] | None = None
         self.run_stops = Counter(
             "margin_run_stops", "Agent runs stopped by a run cap, by cap and the limit that hit", ["cap", "limit"],
             registry=r)
@@ -83,6 +89,20 @@ class Telemetry:
         self.ledger_written = Gauge("margin_ledger_events_written", "Events written to the store", registry=r)
         self.ledger_spooled = Gauge("margin_ledger_events_spooled", "Events written to the disk spool", registry=r)
         self.ledger_replayed = Gauge("margin_ledger_events_replayed", "Spooled events replayed", registry=r)
+        # Self-hosted pools (gateway/pools.py, docs/selfhosted.md): pool and replica names come from
+        # margin.yaml, never from clients, so these label sets stay bounded.
+        self.pool_recommended = Gauge(
+            "margin_recommended_replicas", "Replicas margin recommends for a self-hosted pool (a KEDA/HPA target)",
+            ["pool"], registry=r)
+        self.pool_recommended_cost = Gauge(
+            "margin_recommended_cost_usd_per_hour", "Hourly cost of the recommended replicas", ["pool"], registry=r)
+        self.pool_replica_load = Gauge(
+            "margin_pool_replica_load", "Requests queued and running on a replica (scraped, plus margin's own since)",
+            ["pool", "replica"], registry=r)
+        self.pool_replica_up = Gauge(
+            "margin_pool_replica_up", "1 if the replica accepts connections, 0 if it refused them", ["pool", "replica"],
+            registry=r)
+        self.pool_queue = Gauge("margin_pool_queue_depth", "Requests waiting in a pool's engines", ["pool"], registry=r)
         self._tracer: Any = None
         self._provider: Any = None
         if otlp_endpoint:
@@ -107,6 +127,10 @@ class Telemetry:
         # request for an unknown model has no model label (bounded cardinality).
         genai = (op, e.provider or "none", e.requested_model if e.model else "_unrouted", e.model or "none")
         self.requests.labels(e.endpoint, e.model or "_unrouted", str(e.status)).inc()
+        if e.cache_hit == "semantic":  # exact lookups are counted where they happen (gateway/caching.py)
+            self.cache_lookups.labels("semantic_hit").inc()
+        elif e.actions and any(a.get("action") == "semantic_miss" for a in e.actions):
+            self.cache_lookups.labels("semantic_miss").inc()
         self.duration.labels(*genai, e.error_type).observe(e.latency_ms / 1000)
         if upstream_s is not None:
             self.overhead.labels(e.endpoint).observe(max(0.0, e.latency_ms / 1000 - upstream_s))
@@ -147,7 +171,15 @@ class Telemetry:
         )
         span.end(end_time=int(e.ts_end.timestamp() * 1e9))
 
+    def bind_budgets(self, usage: Callable[[], dict[str, float]]) -> None:
+        """Budget utilisation is computed at scrape time from the guard's counter snapshot."""
+        self._budget_usage = usage
+
     def render(self) -> bytes:
+        if self._budget_usage is not None:
+            self.budget_used.clear()
+            for budget, ratio in self._budget_usage().items():
+                self.budget_used.labels(budget).set(ratio)
         return generate_latest(self.registry)
 
 

@@ -15,7 +15,7 @@ import hmac
 import time
 
 from margin.domain import VirtualKey
-from margin.gateway.errors import GatewayError, Unauthorized
+from margin.gateway.errors import Forbidden, GatewayError, Unauthorized
 from margin.ledger.keys import hash_secret, row_to_key
 from margin.ledger.store import Store, StoreUnavailable
 
@@ -118,6 +118,14 @@ class KeyRing:
         if not key.active:
             raise RevokedKey(key)
         return key
+
+
+def require_caller(key: VirtualKey) -> VirtualKey:
+    """A dashboard viewer key (tag role=viewer) reads its team's spend in /ui; it may not spend."""
+    if dict(key.tags).get("role") == "viewer":
+        raise Forbidden(f"The key {key.prefix}... ({key.key_id}) is a dashboard viewer key (role=viewer): it can sign "
+                        "in to /ui but cannot call models or report outcomes", code="viewer_key")
+    return key
 
 
 class KeyStoreUnavailable(GatewayError):

@@ -55,6 +55,7 @@ class Admission:
 class BudgetGuard:
     def __init__(self, cfg: Config, prices: PriceBook, state: State, telemetry: Telemetry | None = None):
         self.telemetry = telemetry or Telemetry()
+        self.telemetry.bind_budgets(self.usage_ratios)
         self.cfg = cfg
         self.prices = prices
         self.state = state
@@ -85,6 +86,19 @@ class BudgetGuard:
         self.stored_ids = {b.id for b in stored}
         self.definitions = defs
         self.budgets = [to_budget(b) for b in defs.values()]
+
+    def usage_ratios(self) -> dict[str, float]:
+        """Per budget id, the busiest counter's (spent + reserved) / limit from this replica's last
+        view of the state (label values: configured budget ids only)."""
+        limits = {b.id: to_units(b.limit, b.unit) for b in self.budgets}
+        out: dict[str, float] = {}
+        for key, st in list(self.snapshot.items()):
+            if not key.startswith("b:"):
+                continue
+            bid = key.split(":", 2)[1]
+            if bid in limits:
+                out[bid] = max(out.get(bid, 0.0), st.used_fraction(limits[bid]))
+        return out
 
     def _price(self, model: str, inp: int, out: int) -> Decimal:
         return self.prices.rates(model).worst_case(inp, out)

@@ -15,6 +15,7 @@ from margin.policy import cache as cache_policy
 from margin.pricing import PriceBook
 from margin.state import StateUnavailable
 from margin.state.cache import Cache, CachedAnswer
+from margin.telemetry import Telemetry
 
 log = logging.getLogger("margin.gateway")
 Headers = list[tuple[bytes, bytes]]
@@ -23,8 +24,11 @@ SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-contro
 
 
 class CacheLever:
-    def __init__(self, cache: Cache | None, cfg: CacheConfig | None, prices: PriceBook):
+    def __init__(self, cache: Cache | None, cfg: CacheConfig | None, prices: PriceBook,
+                 telemetry: Telemetry | None = None):
         self.cache, self.cfg, self.prices = cache, cfg, prices
+        lookups = (telemetry or Telemetry()).cache_lookups
+        self.hits, self.misses = lookups.labels("hit"), lookups.labels("miss")  # bound once: hot path
 
     def plan(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                     headers: dict[str, str]) -> tuple[str | None, bool, bool]:

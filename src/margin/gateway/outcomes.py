@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from margin.analytics.outcomes import parse_outcome
+from margin.gateway.auth import require_caller
 from margin.gateway.errors import BadRequest, GatewayError
 from margin.gateway.request import parse_json
 from margin.ledger.store import StoreUnavailable
@@ -26,7 +27,7 @@ class OutcomeStoreUnavailable(GatewayError):
 
 
 async def handle(app: MarginApp, headers: dict[str, str], body: bytes) -> tuple[int, Headers, bytes]:
-    key = await app.keys.authenticate(headers.get("authorization"))
+    key = require_caller(await app.keys.authenticate(headers.get("authorization")))
     try:
         row = parse_outcome(parse_json(body))
     except ValueError as e:

@@ -18,7 +18,7 @@ import uuid_utils
 from margin.config import CacheConfig, CompressConfig, RetryConfig
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, VirtualKey, usd
 from margin.gateway import levers
-from margin.gateway.auth import KeyRing, RevokedKey
+from margin.gateway.auth import KeyRing, RevokedKey, require_caller
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
 from margin.gateway.calls import estimate_input, output_text, tool_calls_in, upstream_error
@@ -64,7 +64,7 @@ class Pipeline:
                  breakers: Breakers | None = None, routers: dict[str, tuple[Any, dict[str, str]]] | None = None,
                  cache: Cache | None = None, cache_cfg: CacheConfig | None = None,
                  compression: dict[str, CompressConfig] | None = None):
-        self.caching = CacheLever(cache, cache_cfg, prices)
+        self.caching = CacheLever(cache, cache_cfg, prices, telemetry)
         self.side = SideCalls(targets, self._attempt, self._follow_up)
         self.compression = CompressLever(compression or {}, prices, self.side.summarise)
         self.references = {g.name: route.reference(g, targets) for g in (groups or {}).values()}
@@ -122,8 +122,8 @@ class Pipeline:
         failure: GatewayError | None = None
         handed_off = False  # once attempts start, each records its own event
         try:
-            key = (await self.keys.by_id(key.key_id) if key is not None
-                   else await self.keys.authenticate(headers.get("authorization")))
+            key = require_caller(await self.keys.by_id(key.key_id) if key is not None
+                                 else await self.keys.authenticate(headers.get("authorization")))
             ev.attribution = key.attribution()
             payload = parse_json(body)
             ev.requested_model = str(payload.get("model") or "")
