@@ -79,6 +79,15 @@ def config() -> dict[str, object]:
                                                   {"at": 80, "action": "downgrade", "map": {"gpt-4o": "gpt-4o-mini"}},
                                                   {"at": 100, "action": "block"}]}]
     return {"admin_key": ADMIN, "providers": providers, "models": models, "budgets": budgets,
+            # Route "auto" to the cheapest model that fits; savings are measured against gpt-4o.
+            "groups": [{"name": "auto", "candidates": ["gpt-4o-mini", "gpt-4o"], "strategy": "cheapest",
+                        "reference": "gpt-4o"}],
+            "cache": {"enabled": True},
+            # Agent runs of the triage workflow: at most 10 calls, 3 identical messages, 5 cents each.
+            "run_caps": [{"id": "triage-runs", "scope": {"workflow": "triage"}, "max_calls": 10,
+                          "max_repeats": 3, "max_usd": "0.05"}],
+            "workflows": [{"name": "triage", "outcome": "resolved ticket",
+                           "baseline": {"human_minutes": 6, "hourly_usd": "30", "label": "L1 agent"}}],
             "ledger": {"url": f"sqlite:///{HOME}/ledger.db", "spool_dir": str(HOME / "spool")}}
 
 
@@ -106,6 +115,28 @@ def traffic() -> str:
             assert c.usage is not None
             print(f"    {step:8} ticket-{i}  {c.usage.prompt_tokens:>3} in / {c.usage.completion_tokens:>3} out"
                   f"  ${r.headers['x-margin-cost-usd']}")
+    say("each ticket's outcome is reported when known: POST /v1/outcomes")
+    for i, status in enumerate(("success", "success", "escalated", "success")):
+        httpx.post(f"{base}/outcomes", headers={"Authorization": f"Bearer {support.api_key}"},
+                   json={"run_id": f"ticket-{i}", "workflow": "triage", "status": status}).raise_for_status()
+    print("    ticket-0..3: success, success, escalated, success")
+    say("an agent stuck in a loop: the same tool result again and again (run cap: 3 identical messages)")
+    for attempt in range(1, 5):
+        try:
+            support.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=20,
+                messages=[{"role": "user", "content": "lookup returned: not found"}],
+                extra_headers={"X-Margin-Workflow": "triage", "X-Margin-Run-Id": "ticket-loop"})
+            print(f"    attempt {attempt}: answered")
+        except openai.APIStatusError as e:
+            print(f"    attempt {attempt}: HTTP {e.status_code} {e.body['code'] if isinstance(e.body, dict) else ''}"
+                  f": {e.message}")
+    say("routing: ask for the group 'auto' and margin picks the cheapest model that fits")
+    for q in ("Summarise our refund policy", "Summarise our refund policy"):
+        r = support.chat.completions.with_raw_response.create(
+            model="auto", max_tokens=40, temperature=0, messages=[{"role": "user", "content": q}])
+        print(f"    {r.headers['x-margin-route']}  cache: {r.headers.get('x-margin-cache', 'miss')}"
+              f"  ${r.headers['x-margin-cost-usd']}")
     say("support team: a streamed reply (metered exactly via stream_options.include_usage)")
     stream = support.chat.completions.create(model="gpt-4o-mini", stream=True, max_tokens=30,
                                              messages=[{"role": "user", "content": "Write a short apology"}])
@@ -162,11 +193,15 @@ def main() -> None:
     say("the report, straight from the ledger: margin report --since 1h --by team,model")
     subprocess.run([str(BIN / "margin"), "report", "--config", str(cfg_path), "--since", "1h", "--by", "team,model"],
                    check=True)
+    say("cost per successful outcome, against the human baseline: margin report outcomes --since 1h")
+    subprocess.run([str(BIN / "margin"), "report", "outcomes", "--config", str(cfg_path), "--since", "1h",
+                    "--warehouse", ":memory:"], check=True)
     say("budgets, live from the gateway: margin budgets list")
     subprocess.run([str(BIN / "margin"), "budgets", "list", "--config", str(cfg_path), "--url",
                     f"http://127.0.0.1:{PORT}"], check=True)
     print()
     say(f"the gateway is still running: http://127.0.0.1:{PORT}/v1  (metrics: http://127.0.0.1:{PORT}/metrics)")
+    print(f"    dashboard: http://127.0.0.1:{PORT}/ui  (sign in with the admin key {ADMIN!r})")
     print(f"    try it:  curl http://127.0.0.1:{PORT}/v1/chat/completions -H 'Authorization: Bearer {demo_key}' \\\n"
           f"               -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'")
     print(f"    report:  .venv/bin/margin report --config {cfg_path.relative_to(ROOT)} --by team,model,day")
