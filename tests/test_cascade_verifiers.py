@@ -82,3 +82,41 @@ def test_judge_model_decides_and_is_metered(judge_mock: Mock, tmp_path: Path, ju
         assert "cascade judge" in verdict["route_reason"]
     finally:
         stop(gw.proc)
+
+
+def test_learned_verifier_reads_the_cheap_answer(tmp_path: Path) -> None:
+    """A cascade group with a learned verifier (margin router cascade-train): a cheap answer whose
+    arithmetic is broken escalates to the strong model; a right one is returned."""
+    from margin.router import cascade_eval as CE
+    from margin.router.verifier import save_verifier
+    from tests.test_router_cascade import STRONG, WEAK, _synthetic
+
+    t = _synthetic()
+    v = CE.fit(t, *CE.pair(t, STRONG))
+    art = save_verifier(v, tmp_path / "verifier", operating_point={"rule": "gain_threshold", "value": 0.3},
+                        costs={WEAK: 0.001, STRONG: 0.02}, training=t.summary())
+    answers = {"eggs-right": "There are 3*4 = <<3*4=12>>12 eggs. #### 12",
+               "eggs-wrong": "There are 3*4 = <<3*4=17>>17 eggs. #### 17"}
+    mock = start_mock(free_port(), output_tokens=8, seed=3, answers=orjson.dumps(answers).decode())
+    cfg = gateway_config(tmp_path, mock.url, f"sqlite:///{tmp_path}/l.db")
+    cfg["models"] += [{"name": n, "provider": "mock", "upstream_model": n,
+                       "price": {"per_million": {"input": "0.1", "output": "0.1"}}} for n in answers]
+    cfg["groups"] = [{"name": f"math-{kind}", "candidates": [f"eggs-{kind}", "gpt-4o"], "strategy": "cascade",
+                      "verifier": str(art), "router_models": {WEAK: f"eggs-{kind}", STRONG: "gpt-4o"}}
+                     for kind in ("right", "wrong")]
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        key = gw.create_key(team="t")["key"]
+        served = {}
+        question = [{"role": "user", "content": "A box holds 3 rows of 4 eggs. How many eggs are in the box?"}]
+        for kind in ("right", "wrong"):
+            r = httpx.post(gw.base_url + "/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                           json={"model": f"math-{kind}", "max_tokens": 30, "messages": question})
+            assert r.status_code == 200
+            served[kind] = r.headers["x-margin-route"].split()[0]
+        assert served == {"right": "eggs-right", "wrong": "gpt-4o"}
+        rejected = next(e for e in gw.events(expect=3) if "cascade_escalate" in e["actions"])
+        assert rejected["model"] == "eggs-wrong" and "learned verifier" in rejected["actions"]
+    finally:
+        stop(gw.proc)
+        stop(mock.proc)

@@ -296,6 +296,9 @@ class GroupConfig(_Strict):
     verify_min_logprob: float | None = Field(default=None, le=0)  # cascade: mean token logprob at least this
     verify_judge: str | None = None  # cascade: a (small) model that must answer YES; its call is metered
     judge_instructions: str | None = None  # the judge's system prompt (default: policy/cascade.JUDGE_SYSTEM)
+    # cascade: a learned verifier reading the cheap model's answer (margin router cascade-train --out DIR);
+    # its model names map to ours through `router_models`
+    verifier: str | None = None
     compress: CompressConfig | None = None  # opt-in context compression for requests of this group
     semantic_cache: SemanticRouteConfig | None = None  # opt-in semantic cache for requests of this group
     # What routing's savings are measured against: by default the strongest candidate.
@@ -463,6 +466,8 @@ class Config(_Strict):
             missing += [r.model for r in g.rules if r.model not in known]
             if missing:
                 raise ValueError(f"group {g.name!r} names unknown model(s) {missing}")
+            if g.verifier is not None and g.strategy != "cascade":
+                raise ValueError(f"group {g.name!r}: `verifier` is for strategy cascade")
             if g.verify_judge is not None and g.verify_judge not in known:
                 raise ValueError(f"group {g.name!r}: unknown judge model {g.verify_judge!r}")
             if g.reference is not None and g.reference not in known:

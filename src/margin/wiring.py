@@ -46,7 +46,7 @@ def group(g: GroupConfig) -> Group:
                  tuple(Rule(r.model, tuple(sorted(r.tags.items())), r.key, r.team, r.tier, r.tools,
                             r.prompt_tokens_gt, r.prompt_tokens_lte) for r in g.rules),
                  tuple(g.weights.items()), g.verify_regex, g.verify_json, g.reference,
-                 g.verify_min_logprob, g.verify_judge, g.judge_instructions)
+                 g.verify_min_logprob, g.verify_judge, g.judge_instructions, g.verifier)
 
 
 def compression_routes(cfg: Config) -> dict[str, CompressConfig]:

@@ -17,7 +17,10 @@ FORMAT_OPT = typer.Option(..., "--format", "-f", help="routellm | dc | routerben
 TRAIN_OPT = typer.Option(..., "--train", help="Training data: files or directories (repeat or comma-separate)")
 STRONG_OPT = typer.Option(None, "--strong", help="Reference (strongest) model; default: best on training data")
 ROUTER_OPT = typer.Option("tfidf-lr", "--router", help="Router kind: tfidf-lr")
-CALIB_OPT = typer.Option(0.2, "--calib-frac", help="Share of training data held out to choose the operating point")
+CALIB_OPT = typer.Option(0.2, "--calib-frac", help="With --calibration split: share of training data held out")
+CALIBRATION_OPT = typer.Option("crossfit", "--calibration",
+                               help="How the operating point is chosen: crossfit (out-of-fold scores of all training "
+                                    "rows, 5 folds) or split (one --calib-frac hold-out)")
 SEED_OPT = typer.Option(0, "--seed")
 
 
@@ -45,6 +48,17 @@ def _default_strong(fmt: str, strong: str | None) -> str | None:
     from margin.router import data
 
     return data.STRONG if strong is None and fmt == "routellm" else strong
+
+
+def _check_calibration(calibration: str) -> None:
+    from margin.router import train as T
+
+    if calibration not in T.CALIBRATIONS:
+        fail(f"unknown --calibration {calibration!r} (one of {', '.join(T.CALIBRATIONS)})")
+
+
+def _calib_words(calibration: str, calib_frac: float) -> str:
+    return "5-fold cross-fitting" if calibration == "crossfit" else f"a {calib_frac:.0%} calibration split"
 
 
 def _r(x: Any, nd: int = 4) -> Any:
@@ -131,6 +145,7 @@ def eval_cmd(
     router: str = ROUTER_OPT,
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds when --test is omitted"),
     calib_frac: float = CALIB_OPT,
+    calibration: str = CALIBRATION_OPT,
     seed: int = SEED_OPT,
     latency_n: int = typer.Option(1000, "--latency-n", help="Single-prompt decisions timed for the latency"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
@@ -142,16 +157,18 @@ def eval_cmd(
 
     if router not in T.ROUTERS:
         fail(f"unknown --router {router!r} (one of {', '.join(T.ROUTERS)})")
+    _check_calibration(calibration)
     tr = _load(fmt, train)
     strong = _default_strong(fmt, strong)
-    kw: dict[str, Any] = {"kind": router, "strong": strong, "calib_frac": calib_frac}
+    kw: dict[str, Any] = {"kind": router, "strong": strong, "calib_frac": calib_frac, "calibration": calibration}
     try:
         if test:
             res = T.evaluate(tr, _load(fmt, test), seed=seed, latency_n=latency_n, **kw)
-            res["protocol"] = f"train/test, calibration {calib_frac:.0%} of train"
+            res["protocol"] = f"train/test, operating point from {_calib_words(calibration, calib_frac)}"
         else:
             res = T.cross_validate(tr, folds=folds, seed=seed, latency_n=latency_n, **kw)
-            res["protocol"] = f"{folds}-fold CV over prompts, calibration {calib_frac:.0%} of training folds"
+            res["protocol"] = (f"{folds}-fold CV over prompts, operating point from "
+                               f"{_calib_words(calibration, calib_frac)} of the training folds")
     except ValueError as e:
         fail(str(e))
         raise
@@ -174,14 +191,16 @@ def train_cmd(
     strong: str | None = STRONG_OPT,
     router: str = ROUTER_OPT,
     calib_frac: float = CALIB_OPT,
+    calibration: str = CALIBRATION_OPT,
     seed: int = SEED_OPT,
 ) -> None:
-    """Fit on all of --train and save the artefact, with the operating point chosen on a calibration split."""
+    """Fit on all of --train and save the artefact, the operating point chosen on calibration predictions."""
     from margin.router import artefact
     from margin.router import train as T
 
     if router not in T.ROUTERS:
         fail(f"unknown --router {router!r} (one of {', '.join(T.ROUTERS)})")
+    _check_calibration(calibration)
     tr = _load(fmt, train)
     strong = _default_strong(fmt, strong)
     try:
@@ -189,7 +208,7 @@ def train_cmd(
     except ValueError as e:
         fail(str(e))
         raise
-    op = T.calibrate(tr, router, sj, [target_quality], calib_frac, seed)[target_quality]
+    op = T.calibrate(tr, router, sj, [target_quality], calib_frac, seed, calibration)[target_quality]
     model = T.make_router(router, tr.models).fit(tr.prompts, tr.scores)
     cost_vec = tr.costs.mean(axis=0)
     coef = T.fit_cost_model(tr.prompts, tr.costs)
@@ -199,7 +218,8 @@ def train_cmd(
                        "target_quality": target_quality,
                        "reference_model": tr.models[sj], "calibration_quality": op["quality"],
                        "calibration_reference_quality": op["calibration_reference_quality"],
-                       "calibration_mean_cost": op["mean_cost"], "calib_frac": calib_frac, "seed": seed}
+                       "calibration_mean_cost": op["mean_cost"], "calibration": calibration,
+                       "calib_frac": calib_frac, "seed": seed}
     path = artefact.save_router(model, out, costs={m: float(cost_vec[j]) for j, m in enumerate(tr.models)},
                                 operating_point=operating_point, cost_model=cost_model,
                                 training={"format": fmt, "paths": [str(p) for p in _paths(train)], **tr.summary()})
@@ -207,3 +227,140 @@ def train_cmd(
                   f"({op['cost_mode']} costs) "
                   f"(calibration quality {op['quality']:.4f} vs {tr.models[sj]} "
                   f"{op['calibration_reference_quality']:.4f}, target {target_quality:.0%})", highlight=False)
+
+
+def _print_cascade(res: dict[str, Any], title: str) -> None:
+    rows: list[dict[str, Any]] = []
+    s_cost = res["per_model"][res["strong"]]["mean_cost"]
+    for m, v in sorted(res["per_model"].items(), key=lambda kv: kv[1]["mean_cost"]):
+        rows.append({"policy": m, "quality": _r(v["quality"]), "mean_cost_usd": f"{v['mean_cost']:.3e}",
+                     "cost_ratio": _r(s_cost / v["mean_cost"], 2), "escalated": ""})
+    orc = res["oracle"]
+    rows.append({"policy": "oracle cascade (escalate exactly the cheap misses)", "quality": _r(orc["quality"]),
+                 "mean_cost_usd": f"{orc['mean_cost']:.3e}", "cost_ratio": _r(orc["cost_ratio"], 2), "escalated": ""})
+    for tag in ("95", "100"):
+        if f"quality_at_{tag}" in res:
+            rows.append({"policy": f"cascade @ {tag}% of strong (threshold from calibration)",
+                         "quality": _r(res[f"quality_at_{tag}"]), "mean_cost_usd": f"{res[f'mean_cost_at_{tag}']:.3e}",
+                         "cost_ratio": _r(res[f"cost_ratio_at_{tag}"], 2),
+                         "escalated": f"{res[f'escalated_at_{tag}']:.1%}"})
+    print_table(rows, title=title)
+    head: dict[str, Any] = {k: _r(res[k]) for k in ("aiq", "verifier_auc") if res.get(k) is not None}
+    lat = res.get("decision_latency_ms")
+    if lat:
+        head["latency_p50_ms"], head["latency_p99_ms"] = lat["p50"], lat["p99"]
+    console.print("  ".join(f"[bold]{k}[/]={v}" for k, v in head.items()), highlight=False)
+
+
+CHEAP_OPT = typer.Option(None, "--cheap", help="The model answering first; default: cheapest by mean cost")
+
+
+def plot_cascade(res: dict[str, Any], out: Path, title: str) -> Path:
+    """Cost-quality curve of the cascade over its thresholds, with the single models and the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    curve = sorted(res["curve"], key=lambda p: p["mean_cost"])
+    ax.plot([p["mean_cost"] for p in curve], [p["quality"] for p in curve], "-", color="C0", lw=2,
+            label=f"cascade + learned verifier (AIQ {res['aiq']:.3f})")
+    for i, (m, v) in enumerate(sorted(res["per_model"].items())):
+        ax.scatter([v["mean_cost"]], [v["quality"]], s=30, color=f"C{i + 2}", label=m, zorder=3)
+    ax.scatter([res["oracle"]["mean_cost"]], [res["oracle"]["quality"]], marker="*", s=150, color="gold",
+               edgecolor="k", label="oracle cascade", zorder=4)
+    ax.scatter([res["mean_cost_at_95"]], [res["quality_at_95"]], marker="D", s=50, color="C1", zorder=5,
+               label=f"cascade @95% ({res['cost_ratio_at_95']:.2f}x cheaper, {res['escalated_at_95']:.0%} escalated)")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean cost per query, both calls (USD, log)")
+    ax.set_ylabel("quality (share correct)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@app.command("cascade-eval")
+def cascade_eval_cmd(
+    fmt: str = FORMAT_OPT,
+    train: list[str] = TRAIN_OPT,
+    test: list[str] = typer.Option(None, "--test", help="Test data; omit for K-fold cross-validation over --train"),
+    strong: str | None = STRONG_OPT,
+    cheap: str | None = CHEAP_OPT,
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds when --test is omitted"),
+    seed: int = SEED_OPT,
+    latency_n: int = typer.Option(1000, "--latency-n", help="Single verifications timed for the latency"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+    png: Path | None = typer.Option(None, "--png", help="Write the cost-quality plot into this directory"),
+    name: str | None = typer.Option(None, "--name", help="Data set name for the title and PNG file"),
+) -> None:
+    """Measure a learned cascade (cheap model, then a verifier on its answer, then the strong model):
+    quality, cost with both calls counted, escalation rate, verifier AUC, latency. Needs data with
+    the cheap model's answers (RouteLLM gsm8k_responses.csv)."""
+    from margin.router import cascade_eval as CE
+    from margin.router.verifier import VerifierError
+
+    tr = _load(fmt, train)
+    kw: dict[str, Any] = {"strong": _default_strong(fmt, strong), "cheap": cheap}
+    try:
+        if test:
+            res = CE.evaluate(tr, _load(fmt, test), seed=seed, latency_n=latency_n, **kw)
+            res["protocol"] = "train/test, threshold from 5-fold cross-fitting on train"
+        else:
+            res = CE.cross_validate(tr, folds=folds, seed=seed, latency_n=latency_n, **kw)
+            res["protocol"] = f"{folds}-fold CV over prompts, threshold from 5-fold cross-fitting of the training folds"
+    except (ValueError, VerifierError) as e:
+        fail(str(e))
+        raise
+    label = name or (Path(train[0].split(",")[0]).stem or fmt)
+    res.update(format=fmt, router="cascade-verifier", dataset=label, data=tr.summary())
+    if png is not None:
+        res["png"] = str(plot_cascade(res, png / f"router_{label}_cascade.png", f"{label}: cascade"))
+    if as_json:
+        print_json(res)
+    else:
+        _print_cascade(res, f"cascade {res['cheap']} -> {res['strong']}: {res['protocol']}")
+
+
+@app.command("cascade-train")
+def cascade_train_cmd(
+    fmt: str = FORMAT_OPT,
+    train: list[str] = TRAIN_OPT,
+    out: Path = typer.Option(..., "--out", help="Verifier artefact directory to write"),
+    target_quality: float = typer.Option(0.95, "--target-quality", help="Share of the strong model's quality"),
+    strong: str | None = STRONG_OPT,
+    cheap: str | None = CHEAP_OPT,
+    seed: int = SEED_OPT,
+) -> None:
+    """Fit the cascade verifier on all of --train and save it, with the escalation threshold chosen on
+    out-of-fold scores for --target-quality."""
+    from margin.router import cascade_eval as CE
+    from margin.router.verifier import VerifierError, save_verifier
+
+    if not 0 < target_quality <= 1.5:
+        fail(f"--target-quality must be in (0, 1.5], got {target_quality}")
+    tr = _load(fmt, train)
+    try:
+        cj, sj = CE.pair(tr, _default_strong(fmt, strong), cheap)
+        op = CE.calibrate(tr, cj, sj, [target_quality], seed)[target_quality]
+        model = CE.fit(tr, cj, sj)
+    except (ValueError, VerifierError) as e:
+        fail(str(e))
+        raise
+    operating_point = {"rule": "gain_threshold", "value": op["threshold"], "target_quality": target_quality,
+                       "calibration_quality": op["quality"], "calibration_mean_cost": op["mean_cost"],
+                       "calibration_escalated": op["escalated"],
+                       "calibration_reference_quality": op["calibration_reference_quality"],
+                       "calibration": "crossfit", "seed": seed}
+    costs = {m: float(tr.costs[:, j].mean()) for j, m in enumerate(tr.models)}
+    summary = {k: v for k, v in tr.summary().items()}
+    path = save_verifier(model, out, operating_point=operating_point, costs=costs,
+                         training={"format": fmt, "paths": [str(p) for p in _paths(train)], **summary})
+    console.print(f"wrote {path}: {len(tr)} rows, {tr.models[cj]} -> {tr.models[sj]}, escalate when "
+                  f"gain > {op['threshold']:+.3f} (calibration: quality {op['quality']:.4f} vs "
+                  f"{op['calibration_reference_quality']:.4f}, {op['escalated']:.1%} escalated)", highlight=False)

@@ -112,7 +112,7 @@ class MarginApp:
                           else RedisCache(cfg.cache.backend))
         self.pipeline = Pipeline(self.targets, self.providers, self.prices, self.keys, self.writer, self.telemetry,
                                  self.guard, self.groups, cfg.retry, self.breakers, self.routers, self.cache,
-                                 cfg.cache, wiring.compression_routes(cfg))
+                                 cfg.cache, wiring.compression_routes(cfg), self._load_verifiers(cfg))
         self.max_body = cfg.limits.max_body_bytes
         from margin.gateway.payloads import PayloadLog
 
@@ -139,6 +139,17 @@ class MarginApp:
                 from margin.router.artefact import load_router  # scikit-learn only when used
 
                 out[g.name] = (load_router(g.router), dict(g.router_models))
+        return out
+
+    @staticmethod
+    def _load_verifiers(cfg: Config) -> dict[str, tuple[Any, dict[str, str]]]:
+        """Learned cascade verifiers are loaded at start (a bad artefact stops start-up with its reason)."""
+        out: dict[str, tuple[Any, dict[str, str]]] = {}
+        for g in cfg.groups:
+            if g.verifier:
+                from margin.router.verifier import load_verifier  # scikit-learn only when used
+
+                out[g.name] = (load_verifier(g.verifier), dict(g.router_models))
         return out
 
     def ledger_stats(self) -> dict[str, float]:

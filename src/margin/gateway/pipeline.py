@@ -63,9 +63,10 @@ class Pipeline:
                  groups: dict[str, route.Group] | None = None, retry: RetryConfig | None = None,
                  breakers: Breakers | None = None, routers: dict[str, tuple[Any, dict[str, str]]] | None = None,
                  cache: Cache | None = None, cache_cfg: CacheConfig | None = None,
-                 compression: dict[str, CompressConfig] | None = None):
+                 compression: dict[str, CompressConfig] | None = None,
+                 verifiers: dict[str, tuple[Any, dict[str, str]]] | None = None):
         self.caching = CacheLever(cache, cache_cfg, prices, telemetry)
-        self.side = SideCalls(targets, self._attempt, self._follow_up)
+        self.side = SideCalls(targets, self._attempt, self._follow_up, verifiers)
         self.compression = CompressLever(compression or {}, prices, self.side.summarise)
         self.references = {g.name: route.reference(g, targets) for g in (groups or {}).values()}
         self.guard = guard

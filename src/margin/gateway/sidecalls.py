@@ -30,8 +30,10 @@ class Escalate(Exception):
 
 
 class SideCalls:
-    def __init__(self, targets: dict[str, route.Target], attempt: Attempt, follow_up: Callable[[Event], Event]):
+    def __init__(self, targets: dict[str, route.Target], attempt: Attempt, follow_up: Callable[[Event], Event],
+                 verifiers: dict[str, tuple[Any, dict[str, str]]] | None = None):
         self.targets, self.attempt, self.follow_up = targets, attempt, follow_up
+        self.verifiers = verifiers or {}  # group -> (loaded learned verifier, its model names -> ours)
 
     async def verify(self, group: route.Group, call: Call, payload: dict[str, Any], data: dict[str, Any],
                      ev: Event) -> None:
@@ -40,6 +42,10 @@ class SideCalls:
         text = output_text(data)
         logprobs = cascade.token_logprobs(data) if group.verify_min_logprob is not None else None
         ok, why = cascade.verify(text, group.verify_regex, group.verify_json, group.verify_min_logprob, logprobs)
+        learned = self.verifiers.get(group.name)
+        if ok and learned is not None and learned[1].get(learned[0].cheap, learned[0].cheap) == ev.model:
+            # Trained on this cheap model's answers (about a millisecond of CPU: inline).
+            ok, why = learned[0].check(prompt_text(call.endpoint, payload), text)
         if ok and group.verify_judge:
             question = prompt_text(call.endpoint, payload)
             verdict = await self.call(group.verify_judge, cascade.judge_messages(

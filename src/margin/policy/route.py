@@ -80,6 +80,7 @@ class Group:
     verify_min_logprob: float | None = None
     verify_judge: str | None = None
     judge_instructions: str | None = None
+    verifier: str | None = None  # a learned cascade verifier's artefact (loaded by the shell)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,9 @@ Array = npt.NDArray[np.float64]
 @dataclass
 class RoutingTable:
     """One row per query. ``scores[i, j]`` is model j's quality on query i (0..1) and
-    ``costs[i, j]`` what model j costs on query i, in USD."""
+    ``costs[i, j]`` what model j costs on query i, in USD. ``responses`` holds, per model, its
+    answer to every query where the data ships answers (RouteLLM's GSM8K): a cascade's verifier
+    learns from them."""
 
     prompts: list[str]
     models: list[str]
@@ -52,6 +54,7 @@ class RoutingTable:
     groups: list[str] = field(default_factory=list)
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    responses: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, m = len(self.prompts), len(self.models)
@@ -59,6 +62,9 @@ class RoutingTable:
             raise ValueError(f"scores {self.scores.shape} / costs {self.costs.shape} do not match ({n}, {m})")
         if not self.groups:
             self.groups = [""] * n
+        for name, r in self.responses.items():
+            if len(r) != n:
+                raise ValueError(f"{name}: {len(r)} responses for {n} queries")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -66,7 +72,8 @@ class RoutingTable:
     def subset(self, idx: Sequence[int] | npt.NDArray[np.int_]) -> RoutingTable:
         ix = np.asarray(idx, dtype=np.int64)
         return RoutingTable([self.prompts[i] for i in ix], list(self.models), self.scores[ix], self.costs[ix],
-                            [self.groups[i] for i in ix], self.source, dict(self.notes))
+                            [self.groups[i] for i in ix], self.source, dict(self.notes),
+                            {m: [r[i] for i in ix] for m, r in self.responses.items()})
 
     def summary(self) -> dict[str, Any]:
         return {"rows": len(self), "source": self.source, "models": list(self.models),
@@ -85,7 +92,9 @@ def concat(tables: Sequence[RoutingTable]) -> RoutingTable:
     return RoutingTable([p for t in tables for p in t.prompts], list(models),
                         np.vstack([t.scores for t in tables]), np.vstack([t.costs for t in tables]),
                         [g for t in tables for g in t.groups], "+".join(t.source for t in tables),
-                        {k: v for t in tables for k, v in t.notes.items()})
+                        {k: v for t in tables for k, v in t.notes.items()},
+                        {m: [x for t in tables for x in t.responses[m]] for m in tables[0].responses
+                         if all(m in t.responses for t in tables)})
 
 
 def _truth(v: str) -> float:
@@ -140,6 +149,7 @@ def load_routellm(paths: Iterable[Path], prices: dict[str, tuple[float, float]] 
     groups: list[str] = []
     scores: list[list[float]] = []
     costs: list[list[float]] = []
+    responses: dict[str, list[str]] = {m: [] for m in models}
     dropped = 0
     for f in _csv_files(paths):
         bad = _contaminated(f)
@@ -157,14 +167,17 @@ def load_routellm(paths: Iterable[Path], prices: dict[str, tuple[float, float]] 
                 c = []
                 for m in models:
                     resp = row.get(f"{m}_response")
+                    responses[m].append(resp or "")
                     n_out = count_text(resp) if resp is not None else MMLU_OUTPUT_TOKENS
                     c.append((n_in * pr[m][0] + n_out * pr[m][1]) / 1e6)
                 costs.append(c)
     notes = {"contaminated_dropped": dropped,
              "prices_usd_per_mtok": {m: list(pr[m]) for m in models},
              "output_tokens": f"count_text(response) where present, else {MMLU_OUTPUT_TOKENS}"}
+    if any(not any(r) for r in responses.values()):
+        responses = {}  # MMLU: no answers shipped
     return RoutingTable(prompts, models, np.asarray(scores, dtype=np.float64), np.asarray(costs, dtype=np.float64),
-                        groups, "routellm", notes)
+                        groups, "routellm", notes, responses)
 
 
 def _candidates_file(path: Path) -> Path:

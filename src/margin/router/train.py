@@ -5,11 +5,12 @@ from TF-IDF features of the prompt (logistic regression; the weights are stacked
 matrix so a decision is one sparse-dense product). The policy on top (``margin.policy.learned``)
 picks ``argmax_m p[m] - lam * cost[m]``; ``lam`` is the operating point.
 
-Evaluation protocol (``evaluate``): the training data is split into a fit part and a calibration
-part (``calib_frac``, by prompt). The router fitted on the fit part scores the calibration part;
-the operating point for a target (e.g. 95% of the strongest model's quality) is the cheapest
-``lam`` whose calibration quality reaches it. The router is then refitted on all training data and
-measured on the test data at that ``lam``: the test set never chooses anything.
+Evaluation protocol (``evaluate``): every training row is scored by a router that did not see it
+(5-fold cross-fitting inside the training data; ``calibration="split"`` holds out one
+``calib_frac`` share instead). The operating point for a target (e.g. 95% of the strongest model's
+quality) is the cheapest ``lam`` whose quality on those out-of-fold scores reaches it. The router
+is then refitted on all training data and measured on the test data at that ``lam``: the test set
+never chooses anything.
 """
 
 from __future__ import annotations
@@ -189,17 +190,38 @@ def _decision_costs(mode: str, coef: Array, cost_vec: Array, prompts: Sequence[s
     return estimate_costs(coef, prompts) if mode == "per_query" else cost_vec
 
 
+CALIBRATIONS = ("crossfit", "split")
+INNER_FOLDS = 5
+
+
+def calibration_predictions(train: RoutingTable, kind: str, method: str, calib_frac: float, seed: int
+                            ) -> tuple[RoutingTable, Array, Array, Array]:
+    """Rows to choose the operating point on, each scored by a router that did not train on it,
+    plus the mean cost vector and cost model to decide with. ``crossfit``: every training row,
+    scored out of fold (``INNER_FOLDS`` folds), so the choice rests on all the data rather than on
+    one noisy 20% split; ``split``: a ``calib_frac`` share scored by a router fitted on the rest."""
+    if method == "split":
+        fit_ix, cal_ix = split_calibration(len(train), calib_frac, seed)
+        fit, cal = train.subset(fit_ix), train.subset(cal_ix)
+        P = make_router(kind, train.models).fit(fit.prompts, fit.scores).predict_many(cal.prompts)
+        return cal, P, fit.costs.mean(axis=0), fit_cost_model(fit.prompts, fit.costs)
+    if method != "crossfit":
+        raise ValueError(f"unknown calibration {method!r} (one of {', '.join(CALIBRATIONS)})")
+    P = np.zeros(train.scores.shape)
+    folds = min(INNER_FOLDS, len(train))
+    for fit_ix, cal_ix in KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(len(train))):
+        fit = train.subset(fit_ix)
+        P[cal_ix] = make_router(kind, train.models).fit(fit.prompts, fit.scores).predict_many(
+            [train.prompts[i] for i in cal_ix])
+    return train, P, train.costs.mean(axis=0), fit_cost_model(train.prompts, train.costs)
+
+
 def calibrate(train: RoutingTable, kind: str, strong_j: int, targets: Sequence[float], calib_frac: float,
-              seed: int) -> dict[float, dict[str, Any]]:
-    """Operating point per target, chosen on a calibration split of ``train``: the lambda and the
-    decision-cost mode (``per_query``: estimated from the prompt length; ``mean``: each model's
-    mean cost) that reach the target most cheaply on the calibration rows."""
-    fit_ix, cal_ix = split_calibration(len(train), calib_frac, seed)
-    fit, cal = train.subset(fit_ix), train.subset(cal_ix)
-    r = make_router(kind, train.models).fit(fit.prompts, fit.scores)
-    cost_vec = fit.costs.mean(axis=0)
-    coef = fit_cost_model(fit.prompts, fit.costs)
-    P = r.predict_many(cal.prompts)
+              seed: int, method: str = "crossfit") -> dict[float, dict[str, Any]]:
+    """Operating point per target, chosen on calibration predictions of ``train`` (see
+    ``calibration_predictions``): the lambda and the decision-cost mode (``per_query``: estimated
+    from the prompt length; ``mean``: each model's mean cost) that reach the target most cheaply."""
+    cal, P, cost_vec, coef = calibration_predictions(train, kind, method, calib_frac, seed)
     q_ref = float(cal.scores[:, strong_j].mean())
     curves = {mode: sweep(P, cal, _decision_costs(mode, coef, cost_vec, cal.prompts), lambda_grid(cost_vec))
               for mode in COST_MODES}
@@ -209,7 +231,8 @@ def calibrate(train: RoutingTable, kind: str, strong_j: int, targets: Sequence[f
                                        for mode, c in curves.items()]
         reach = [p for p in picks if p["quality"] >= t * q_ref - 1e-12]
         best = min(reach, key=lambda p: p["mean_cost"]) if reach else max(picks, key=lambda p: p["quality"])
-        out[t] = {**best, "calibration_reference_quality": q_ref}
+        out[t] = {**best, "calibration_reference_quality": q_ref, "calibration": method,
+                  "calibration_rows": len(cal)}
     return out
 
 
@@ -235,12 +258,12 @@ def decision_latency(router: TfidfLR, prompts: Sequence[str], cost_coef: Array, 
 
 def evaluate(train: RoutingTable, test: RoutingTable, *, kind: str = "tfidf-lr", strong: str | None = None,
              targets: Sequence[float] = (0.95, 1.0), calib_frac: float = 0.2, seed: int = 0,
-             latency_n: int = 0) -> dict[str, Any]:
-    """Fit on ``train`` (operating points from its calibration split), measure on ``test``."""
+             latency_n: int = 0, calibration: str = "crossfit") -> dict[str, Any]:
+    """Fit on ``train`` (operating points from its calibration predictions), measure on ``test``."""
     if train.models != test.models:
         raise ValueError(f"train models {train.models} != test models {test.models}")
     sj = strongest_index(train, strong)
-    ops = calibrate(train, kind, sj, targets, calib_frac, seed)
+    ops = calibrate(train, kind, sj, targets, calib_frac, seed, calibration)
     router = make_router(kind, train.models).fit(train.prompts, train.scores)
     cost_vec = train.costs.mean(axis=0)
     cost_coef = fit_cost_model(train.prompts, train.costs)
