@@ -524,12 +524,16 @@ def parse_config(data: Any, source: str = "config") -> Config:
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_config(path: str | Path) -> Config:
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents, or a ConfigError saying why not."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_config(data, str(p))
+
+
+def load_config(path: str | Path) -> Config:
+    return parse_config(read_yaml(path), str(path))

@@ -14,11 +14,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from margin import wiring
-from margin.config import CompressConfig, Config, ConfigError, ModelConfig, parse_config
+from margin.config import CompressConfig, Config, ConfigError, ModelConfig, parse_config, read_yaml
 from margin.policy import route
 from margin.pricing import ModelRates, PriceBook, PricingError
 from margin.pricing.batch import batch_rates
@@ -147,14 +146,7 @@ class Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return policy_from_dict(data, str(p))
+    return policy_from_dict(read_yaml(path), str(path))
 
 
 def policy_from_dict(data: Any, source: str = "policy") -> Policy:
