@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install install-base install-local services demo stop test lint typecheck bench soak clean
-.PHONY: browser focus
+.PHONY: llama-server bench-selfhosted browser focus
 
-install: install-base install-local ## .venv with every extra (compiles llama.cpp once: ~12 min on 2 cores)
+install: install-base install-local llama-server ## .venv with every extra (compiles llama.cpp once: ~12 min on 2 cores)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ install-local: $(VENV)/.local
 $(VENV)/.local: $(VENV)/.base
 	@bash scripts/install-local.sh $(BIN)
 	@touch $@
+
+llama-server: .margin/bin/llama-server ## the real llama.cpp server for the self-hosted pool tests (built offline once)
+.margin/bin/llama-server: | $(VENV)/.base
+	@bash scripts/build-llama-server.sh $(BIN)
 
 services: ## make sure PostgreSQL and Redis answer on loopback (installs/starts them if needed)
 	@bash scripts/services.sh
@@ -53,6 +57,9 @@ bench: install-base services
 	bash bench/setup_litellm.sh
 	$(BIN)/python bench/overhead.py --out BENCHMARKS.md
 	$(BIN)/python bench/budget_overhead.py --out BENCHMARKS.md
+
+bench-selfhosted: install-local llama-server ## least-loaded vs round-robin over two real llama.cpp servers
+	$(BIN)/python bench/selfhosted_balance.py --out BENCHMARKS.md
 
 soak: install-base services
 	$(BIN)/python bench/overhead.py --rps 500 --duration 600 --rounds 1 --targets direct,margin

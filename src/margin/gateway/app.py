@@ -100,6 +100,9 @@ class MarginApp:
         self.keys = KeyRing(self.store, cfg.key_cache_ttl_s)
         self.prices = PriceBook(cfg.models)
         self.providers: dict[str, Provider] = {p.name: make_provider(p) for p in cfg.providers}
+        from margin.gateway.pools import Pools
+
+        self.pools = Pools(self.providers, self.telemetry)  # self-hosted pools: load gauges, autoscaling advice
         self.targets = {m.name: wiring.target(m, self.prices.rates(m.name)) for m in cfg.models}
         self.groups = {g.name: wiring.group(g) for g in cfg.groups}
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
@@ -166,6 +169,7 @@ class MarginApp:
         await self.writer.start()
         for p in self.providers.values():
             await p.start()
+        await self.pools.start()
         await self._load_budgets()
         from margin.gateway.reconcile import start_reconciler
 
@@ -217,6 +221,7 @@ class MarginApp:
             await self.pipeline.semantic.close()
         await self.guard.close()
         await self.writer.close()
+        await self.pools.close()
         for p in self.providers.values():
             await p.close()
         await self.store.close()
@@ -323,6 +328,10 @@ class MarginApp:
             from margin.gateway import outcomes
 
             return await outcomes.handle(self, headers, await self._read_body(headers, receive))
+        if path.removesuffix("/") == "/admin/pools":  # self-hosted pools and autoscaling advice
+            from margin.gateway import pools
+
+            return await pools.handle(self, method, headers)
         if path.startswith("/admin/"):
             body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
             return await admin.handle(self, method, path, headers, body, scope)  # scope: client address, query

@@ -313,6 +313,8 @@ class Pipeline:
             reply = await provider.send(call.endpoint, upstream_payload, headers)
         except UPSTREAM_ERRORS as e:
             raise upstream_error(e) from None
+        if reply.meta:  # a self-hosted pool says which replica served it, and why
+            ev.actions.append(reply.meta)
         upstream_s = time.perf_counter() - t_up
         usage = parse_usage(reply.data) or Usage(
             input_tokens=estimate_input(call.endpoint, payload),
@@ -353,6 +355,8 @@ class Pipeline:
                                  code="upstream_connection_error") from None
         except UPSTREAM_ERRORS as e:
             raise upstream_error(e) from None
+        if first.meta:
+            ev.actions.append(first.meta)
         await out.start(200, [*SSE_HEADERS, *self._route_headers(ev, decision)])
 
         async def on_done(r: Relayed) -> bytes:  # just before [DONE]: tell the client the cost

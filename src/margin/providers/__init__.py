@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from margin.config import ProviderConfig
+from margin.config import POOL_KINDS, ProviderConfig
 from margin.providers.base import (
     Chunk,
     Provider,
@@ -18,6 +18,10 @@ def make_provider(cfg: ProviderConfig) -> Provider:
         from margin.providers.openai_http import OpenAIHTTPProvider
 
         return OpenAIHTTPProvider(cfg)
+    if cfg.kind in POOL_KINDS:  # self-hosted replicas, load-aware (docs/selfhosted.md)
+        from margin.providers.pool import PoolProvider
+
+        return PoolProvider(cfg)
     from margin.providers.llamacpp import LlamaCppProvider  # optional extra margin[local]
 
     provider: Provider = LlamaCppProvider(cfg)

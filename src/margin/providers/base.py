@@ -16,6 +16,7 @@ class Reply:
     status: int
     body: bytes
     data: dict[str, Any]
+    meta: dict[str, Any] | None = None  # a ledger action from the provider (a pool's replica choice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class Chunk:
 
     raw: bytes
     data: dict[str, Any] | None
+    meta: dict[str, Any] | None = None  # on a stream's first chunk: a ledger action (a pool's replica choice)
 
 
 class UpstreamError(Exception):

@@ -2,8 +2,9 @@
 follows `planner.autoscale` over time, against a fixed pool sized for the peak.
 
 Every `interval_s` of simulated time the controller reads the same live signals the gateway reads
-from a real pool (arrivals over the last `window_s`, mean lengths of the requests completed in it,
-queued and running requests now, p95 TTFT/TPOT of the window) and publishes the stabilised
+from a real pool (arrivals over the last `window_s`, mean lengths of the requests completed in the
+last `lengths_window_s`, queued and running requests now, TTFT/TPOT of the window at the SLO
+percentile) and publishes the stabilised
 recommendation. A replica asked for serves `startup_s` later (a cold start); one no longer needed
 takes no new requests and stops when its last request is done (drained, never cut). Arrivals go
 to the least-loaded serving replica, as in sim.py. Replica-hours are billed from the moment a
@@ -12,7 +13,7 @@ replica is asked for until it stops (or the end of the replay), so cold starts a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from margin.planner.autoscale import AutoscaleSpec, PoolSignals, recommend, stabilise
 from margin.planner.perf import PlannerError
-from margin.replay.sim import SimConfig, SimResult, Simulator, _Replica, _Seq, find_replicas
+from margin.replay.sim import SimConfig, SimResult, Simulator, _Replica, _Seq
 from margin.replay.traces import Trace
 
 
@@ -30,6 +31,8 @@ class ControlConfig:
     window_s: float = 60.0  # live signals are measured over this
     scale_down_after_s: float = 300.0  # the advice falls only after a lower need held this long
     startup_s: float = 60.0  # from "add a replica" to its first request (cold start)
+    lengths_window_s: float = 600.0  # the mix of prompt/answer lengths is averaged over this (it drifts slowly)
+    trend_window_s: float = 300.0  # a slow ramp is looked for over this (and a step over window_s)
 
 
 @dataclass
@@ -112,20 +115,32 @@ class AutoscaledSimulator(Simulator):
         arr = trace.arrival_s
         lo = max(0.0, now - w)
         arrivals = int(np.searchsorted(arr, now, "right") - np.searchsorted(arr, lo, "right"))
+        def halves(span: float) -> tuple[int, int, float]:
+            span = min(span, now)
+            a, m, b = np.searchsorted(arr, [now - span, now - span / 2, now], "right")
+            return int(m - a), int(b - m), span
+
+        trends = (halves(w), halves(self.control.trend_window_s))
         done = (self.done_t > lo) & (self.done_t <= now)
-        firsts = (self.first_t > lo) & (self.first_t <= now)
+        mix = (self.done_t > now - self.control.lengths_window_s) & (self.done_t <= now)
+        # Latency is judged on requests that arrived once the newest replica served: older ones
+        # show a shortage that has already been answered (else each breach would add replicas twice).
+        epoch = max((m.ready for m in pool if m.ready <= now), default=0.0)
+        fresh = arr >= epoch
+        firsts = (self.first_t > lo) & (self.first_t <= now) & fresh
         ttft = self.first_t[firsts] - arr[firsts]
-        multi = done & (trace.output_tokens > 1)
+        multi = done & fresh & (trace.output_tokens > 1)
         tpot = (self.done_t[multi] - self.first_t[multi]) / (trace.output_tokens[multi] - 1)
         serving = [m for m in pool if m.retired is None and m.ready <= now]
         q = float(self.spec.percentile[1:])
         return PoolSignals(
-            window_s=min(w, now) if now > 0 else w, arrivals=arrivals, replicas=len(serving),
+            window_s=min(w, now) if now > 0 else w, arrivals=arrivals, trends=trends,
+            replicas=len(serving),
             starting=sum(1 for m in pool if m.retired is None and m.ready > now),
             waiting=float(sum(len(m.rep.waiting) for m in pool)),
             running=float(sum(len(m.rep.prefilling) + len(m.rep.decoding) for m in pool)),
-            mean_input_tokens=float(trace.input_tokens[done].mean()) if done.any() else None,
-            mean_output_tokens=float(trace.output_tokens[done].mean()) if done.any() else None,
+            mean_input_tokens=float(trace.input_tokens[mix].mean()) if mix.any() else None,
+            mean_output_tokens=float(trace.output_tokens[mix].mean()) if mix.any() else None,
             ttft_s=float(np.percentile(ttft, q)) if ttft.size else None,
             tpot_s=float(np.percentile(tpot, q)) if tpot.size else None,
             latency_samples=int(min(ttft.size, tpot.size) if tpot.size else ttft.size))
@@ -166,7 +181,7 @@ class AutoscaledSimulator(Simulator):
             for m in sorted(active, key=lambda x: (x.ready <= now, x.rep.load))[: len(active) - target]:
                 m.retired = now
         self._switch_off_drained(pool, now)
-        timeline.append({"t": now, "raw": raw, "recommended": target,
+        timeline.append({"t": now, "raw": raw, "need": advice.need, "isl": advice.isl, "recommended": target,
                          "serving": sum(1 for m in pool if m.retired is None and m.ready <= now),
                          "billed": sum(1 for m in pool if m.stopped is None), "limited_by": advice.limited_by,
                          "arrival_rps": round(advice.arrival_rps, 4)})
@@ -208,44 +223,111 @@ class AutoscaledSimulator(Simulator):
 
 
 @dataclass
-class Comparison:
-    fixed_replicas: int | None  # fewest fixed replicas meeting the SLO (the peak-sized pool)
-    fixed: SimResult | None
-    fixed_cost_usd: Decimal | None
-    autoscaled: AutoscaleRun
-    pct: str
-    slo_met_fixed: bool
-    slo_met_autoscaled: bool
+class FixedPool:
+    replicas: int
+    result: SimResult  # the whole trace on this many replicas
+    cost_usd: Decimal
+    slo_met: bool  # over the whole trace
 
     @property
-    def saving_usd(self) -> Decimal | None:
-        return None if self.fixed_cost_usd is None else self.fixed_cost_usd - self.autoscaled.cost_usd
+    def replica_hours(self) -> float:
+        return self.replicas * self.result.span_s / 3600
 
     def to_dict(self) -> dict[str, Any]:
-        f = self.fixed
-        return {
-            "pct": self.pct, "fixed_replicas": self.fixed_replicas,
-            "fixed_replica_hours": (self.fixed_replicas or 0) * (f.span_s / 3600 if f else 0.0),
-            "fixed_cost_usd": None if self.fixed_cost_usd is None else format(self.fixed_cost_usd, "f"),
-            "fixed_ttft_s": f.ttft_s if f else None, "fixed_tpot_s": f.tpot_s if f else None,
-            "slo_met_fixed": self.slo_met_fixed, "slo_met_autoscaled": self.slo_met_autoscaled,
-            "autoscaled": self.autoscaled.to_dict(),
-            "saving_usd": None if self.saving_usd is None else format(self.saving_usd, "f"),
-        }
+        return {"replicas": self.replicas, "replica_hours": self.replica_hours, "cost_usd": format(self.cost_usd, "f"),
+                "ttft_s": self.result.ttft_s, "tpot_s": self.result.tpot_s, "slo_met": self.slo_met}
+
+
+@dataclass
+class Comparison:
+    """The pool following the advice against two fixed pools: `peak_sized`, the fewest replicas
+    meeting the SLO over the trace's busiest `peak_window_s` (what a capacity plan buys for the
+    peak), and `oracle`, the fewest meeting it over the whole trace, chosen with hindsight (it lets
+    the quiet hours absorb the peak's slow requests, which no plan can count on in advance)."""
+
+    autoscaled: AutoscaleRun
+    slo_met_autoscaled: bool
+    peak_sized: FixedPool | None
+    oracle: FixedPool | None
+    pct: str
+    peak_window: tuple[float, float]  # (start, end) of the busiest window, seconds into the trace
+
+    def saving_usd(self, vs: FixedPool | None) -> Decimal | None:
+        return None if vs is None else vs.cost_usd - self.autoscaled.cost_usd
+
+    def to_dict(self) -> dict[str, Any]:
+        def saving(vs: FixedPool | None) -> str | None:
+            v = self.saving_usd(vs)
+            return None if v is None else format(v, "f")
+
+        return {"pct": self.pct, "slo_met_autoscaled": self.slo_met_autoscaled, "autoscaled": self.autoscaled.to_dict(),
+                "peak_window_s": list(self.peak_window),
+                "peak_sized": self.peak_sized.to_dict() if self.peak_sized else None,
+                "oracle": self.oracle.to_dict() if self.oracle else None,
+                "saving_vs_peak_sized_usd": saving(self.peak_sized), "saving_vs_oracle_usd": saving(self.oracle)}
+
+
+def busiest(trace: Trace, window_s: float) -> tuple[Trace, float]:
+    """The requests of the `window_s` with the most arrivals (times shifted to start at 0), and its start."""
+    arr = trace.arrival_s
+    ends = np.searchsorted(arr, arr + window_s, "left")
+    i = int(np.argmax(ends - np.arange(len(arr))))
+    sub = trace.take(np.arange(i, int(ends[i])))
+    t0 = float(arr[i])
+    return replace(sub, arrival_s=sub.arrival_s - t0), t0
+
+
+def fewest_fixed(trace: Trace, spec: AutoscaleSpec, cfg: SimConfig, pct: str, start: int,
+                 max_replicas: int = 256) -> tuple[int | None, dict[int, SimResult]]:
+    """The fewest fixed replicas whose replay meets the SLO at `pct`, searched from `start` (the
+    autoscaled peak is a good guess: few runs, and only one under-sized one, the slowest to simulate).
+    Same answer as sim.find_replicas (more replicas never make it worse under least-loaded dispatch)."""
+    tried: dict[int, SimResult] = {}
+
+    def ok(n: int) -> bool:
+        if n not in tried:
+            tried[n] = Simulator(spec.dep, SimConfig(n, cfg.max_batched_tokens, cfg.max_seqs, cfg.prefix_cache)
+                                 ).run(trace)
+        return tried[n].meets(spec.ttft_slo_s, spec.tpot_slo_s, pct)
+
+    n = max(1, start)
+    if ok(n):
+        while n > 1 and ok(n - 1):
+            n -= 1
+        return n, tried
+    if tried[n].rejected:
+        return None, tried  # requests no replica can hold
+    while n < max_replicas:
+        n += 1
+        if ok(n):
+            return n, tried
+    return None, tried
 
 
 def compare(trace: Trace, spec: AutoscaleSpec, cfg: SimConfig | None = None, control: ControlConfig | None = None,
-            pct: str = "p99", max_replicas: int = 256) -> Comparison:
-    """The fewest fixed replicas meeting the SLO over the whole trace (sized for its peak), against
-    the pool following the advice; both billed at the spec's price per replica-hour to the same end."""
+            pct: str = "p99", peak_window_s: float = 600.0, oracle: bool = True,
+            max_replicas: int = 256) -> Comparison:
+    """The pool following the advice against the peak-sized and (optionally) the oracle fixed pool;
+    all billed at the spec's price per replica-hour until their last request is done."""
     cfg = cfg or SimConfig(max_seqs=spec.max_batch or SimConfig().max_seqs)
     control = control or ControlConfig()
-    search = find_replicas(trace, spec.dep, cfg, spec.ttft_slo_s, spec.tpot_slo_s, pct, max_replicas)
-    fixed = search.tried.get(search.replicas) if search.replicas else None
     auto = AutoscaledSimulator(spec, cfg, control).run_autoscaled(trace)
-    fixed_cost = None
-    if fixed is not None and search.replicas:
-        fixed_cost = spec.usd_per_replica_hour * search.replicas * Decimal(str(round(fixed.span_s / 3600, 6)))
-    return Comparison(search.replicas, fixed, fixed_cost, auto, pct,
-                      fixed is not None and fixed.meets(spec.ttft_slo_s, spec.tpot_slo_s, pct),
-                      auto.result.meets(spec.ttft_slo_s, spec.tpot_slo_s, pct))
+    met = auto.result.meets(spec.ttft_slo_s, spec.tpot_slo_s, pct)
+
+    def fixed(n: int | None, known: dict[int, SimResult]) -> FixedPool | None:
+        if n is None:
+            return None
+        r = known.get(n) or Simulator(spec.dep, SimConfig(n, cfg.max_batched_tokens, cfg.max_seqs,
+                                                          cfg.prefix_cache)).run(trace)
+        cost = spec.usd_per_replica_hour * n * Decimal(str(round(r.span_s / 3600, 6)))
+        return FixedPool(n, r, cost, r.meets(spec.ttft_slo_s, spec.tpot_slo_s, pct))
+
+    peak, t0 = busiest(trace, peak_window_s)
+    n_peak, _ = fewest_fixed(peak, spec, cfg, pct, auto.peak_replicas, max_replicas)
+    peak_sized = fixed(n_peak, {})
+    best = None
+    if oracle:
+        known = {n_peak: peak_sized.result} if peak_sized is not None and n_peak is not None else {}
+        n_best, tried = fewest_fixed(trace, spec, cfg, pct, n_peak or auto.peak_replicas, max_replicas)
+        best = fixed(n_best, {**tried, **known})
+    return Comparison(auto, met, peak_sized, best, pct, (t0, t0 + peak_window_s))
