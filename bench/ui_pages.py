@@ -2,6 +2,9 @@
 its Server-Timing header, served by a real gateway (mock upstream, SQLite ledger) over HTTP.
 
     .venv/bin/python bench/ui_pages.py --events 1000000 --out BENCHMARKS.md
+    # side by side with an earlier version of margin, in the same run:
+    git archive <commit> src | tar -x -C /tmp/before
+    .venv/bin/python bench/ui_pages.py --events 1000000 --before-src /tmp/before/src --out BENCHMARKS.md
 
 The ledger is filled by bench/analytics_warehouse.py's `fill` (synthetic events, 90 days ending
 2026-11-30, 5 teams, agent runs with outcomes) and kept in --dir. The dashboard's DuckDB copy is
@@ -10,7 +13,9 @@ it and times it). Each page is measured two ways, --repeat times each after one 
 - "new rows": one chat call goes through the gateway before each view, so the view waits for the
   warehouse to read the new row and recomputes every query (the page under live traffic);
 - "unchanged": the same view again with nothing new in the ledger (answered from the result cache).
-Windows are explicit dates inside the synthetic data, so results do not depend on today's date."""
+Windows are explicit dates inside the synthetic data, so results do not depend on today's date.
+With --before-src, the strict mode also runs with that source tree first on PYTHONPATH (its own
+warehouse file), on the same ledger, in the same run."""
 
 from __future__ import annotations
 
@@ -125,12 +130,16 @@ def measure(c: httpx.Client, path: str, repeat: int, poke: Any, pid: int) -> dic
 Results = dict[tuple[str, str], dict[str, float]]
 
 
-def run_mode(d: Path, cfg: dict[str, Any], wh_path: Path, max_stale: str, repeat: int) -> tuple[Results, float]:
-    """Start a gateway with MARGIN_UI_MAX_STALE_S=max_stale and time every page."""
+def run_mode(d: Path, cfg: dict[str, Any], wh_path: Path, max_stale: str, repeat: int,
+             src: str = "") -> tuple[Results, float]:
+    """Start a gateway with MARGIN_UI_MAX_STALE_S=max_stale (and `src` first on PYTHONPATH) and
+    time every page."""
     mock_port, port = free_port(), free_port()
     cfg = {**cfg, "providers": [{"name": "mock", "kind": "openai", "base_url": f"http://127.0.0.1:{mock_port}/v1"}]}
     (d / "margin.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MARGIN_UI_WAREHOUSE": str(wh_path), "MARGIN_UI_MAX_STALE_S": max_stale}
+    if src:
+        env["PYTHONPATH"] = src
     mock = subprocess.Popen([PY, "-m", "margin.cli.main", "mock-upstream", "--port", str(mock_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     gw = subprocess.Popen([PY, "-m", "margin.cli.main", "serve", "--config", str(d / "margin.yaml"), "--port",
@@ -148,7 +157,8 @@ def run_mode(d: Path, cfg: dict[str, Any], wh_path: Path, max_stale: str, repeat
                 break
             time.sleep(2)
         sync_s = time.perf_counter() - t0
-        print(f"[max stale {max_stale} s] warehouse in sync after {sync_s:.1f} s: {st['events']:,} events", flush=True)
+        print(f"[{'before, ' if src else ''}max stale {max_stale} s] warehouse in sync after {sync_s:.1f} s: "
+              f"{st['events']:,} events", flush=True)
         keys = {"Authorization": f"Bearer {ADMIN}"}
         caller = httpx.post(base + "/admin/keys", headers=keys, json={"team": "legal", "user": "bench"}).json()
         viewer = httpx.post(base + "/admin/keys", headers=keys,
@@ -184,6 +194,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--fresh", action="store_true", help="drop the dashboard's warehouse copy and time the first sync")
     ap.add_argument("--out", default="")
+    ap.add_argument("--before-src", default="", help="an earlier margin's src/ directory to compare with (strict mode)")
+    ap.add_argument("--before-label", default="an earlier version", help="what --before-src is, e.g. commit bad3ad5")
     a = ap.parse_args()
     d = (ROOT / a.dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
@@ -192,7 +204,7 @@ def main() -> None:
     print(f"ledger: {a.events:,} events" + (f" (filled in {fill_s:.0f} s)" if fill_s else " (reused)"), flush=True)
     wh_path = d / f"ui-warehouse-{a.events}.duckdb"
     if a.fresh:
-        for p in d.glob(f"ui-warehouse-{a.events}.duckdb*"):
+        for p in d.glob(f"ui-warehouse-{a.events}*.duckdb*"):
             p.unlink()
     cfg: dict[str, Any] = {
         "admin_key": ADMIN,
@@ -207,29 +219,51 @@ def main() -> None:
         "workflows": [{"name": "triage", "baseline": {"cost_per_outcome_usd": "3.20"}}],
     }
     load0 = os.getloadavg()
+    before: Results = {}
+    if a.before_src:
+        before, _ = run_mode(d, cfg, d / f"ui-warehouse-{a.events}-before.duckdb", "0", a.repeat, a.before_src)
     strict, sync_s = run_mode(d, cfg, wh_path, "0", a.repeat)
     default, _ = run_mode(d, cfg, wh_path, "5", a.repeat)
     if a.out:
-        update_markdown(ROOT / a.out, section(a, sync_s if a.fresh else None, strict, default, load0),
+        update_markdown(ROOT / a.out, section(a, sync_s if a.fresh else None, strict, default, load0, before),
                         "<!-- ui:start -->", "<!-- ui:end -->")
         print(f"updated {a.out}")
 
 
-def section(a: Any, sync_s: float | None, strict: Results, default: Results, load0: tuple[float, ...]) -> str:
+def section(a: Any, sync_s: float | None, strict: Results, default: Results, load0: tuple[float, ...],
+            before: Results) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     load = os.getloadavg()
+
+    def was(key: tuple[str, str], field: str) -> str:
+        return f"{before[key][field]:.0f} | " if before else ""
+
     rows = "\n".join(
-        f"| {who} | {label} | {m['new_p50']:.0f} | {m['sync_p50']:.0f} | {m['queries_p50']:.0f} | {m['new_max']:.0f} "
-        f"| {m['cpu_p50']:.0f} | {default[(who, label)]['new_p50']:.1f} | {m['cached_p50']:.1f} |"
+        f"| {who} | {label} | {was((who, label), 'new_p50')}{m['new_p50']:.0f} | {was((who, label), 'sync_p50')}"
+        f"{m['sync_p50']:.0f} | {m['queries_p50']:.0f} | {m['new_max']:.0f} "
+        f"| {was((who, label), 'cpu_p50')}{m['cpu_p50']:.0f} | {default[(who, label)]['new_p50']:.1f} "
+        f"| {m['cached_p50']:.1f} |"
         for (who, label), m in strict.items())
+    head = ("| who | page | strict p50, before | strict p50 | new rows read, before | new rows read | queries "
+            "| strict max | strict CPU, before | strict CPU | default p50 | unchanged p50 |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|") if before else (
+            "| who | page | strict p50 | new rows read | queries | strict max | strict CPU | default p50 "
+            "| unchanged p50 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     worst = max(m["new_p50"] for m in strict.values())
     worst_default = max(m["new_p50"] for m in default.values())
     over = sum(1 for m in strict.values() if m["new_p50"] >= 300)
     cpu_worst = max(m["cpu_p50"] for m in strict.values())
     cpu_over = sum(1 for m in strict.values() if m["cpu_p50"] >= 300)
-    sync_cpu = "about 200 ms of it reading the new row (see docs/dashboard.md)"
+    sync_cpu = f"reading the new row {statistics.median(m['sync_p50'] for m in strict.values()):.0f} ms (median)"
+    if before:
+        b_worst, b_over = max(m["new_p50"] for m in before.values()), sum(m["new_p50"] >= 300 for m in before.values())
+        sync_cpu += (f". Before (`--before-src`, {a.before_label}): slowest median {b_worst:.0f} ms, {b_over} of "
+                     f"{len(before)} pages at or over 300 ms, reading the new row "
+                     f"{statistics.median(m['sync_p50'] for m in before.values()):.0f} ms (median)")
     sync = f"\n- First copy of the ledger into the dashboard's warehouse: {sync_s:.0f} s." if sync_s else ""
+    before_arg = (" --fresh" if a.fresh else "") + (
+        f" --before-src {a.before_src} --before-label '{a.before_label}'" if before else "")
     return f"""## Dashboard pages (/ui) with {a.events:,} ledger events
 
 Server time of each page in ms (the gateway's `Server-Timing: total`: waiting for the warehouse to
@@ -242,8 +276,7 @@ work it is the better guide to what the page costs, since wall time there includ
 core. "Default" (5 s) is the shipped setting: the page shows results at most 5 s behind the ledger
 and recomputes in the background. "Unchanged": the same view again with nothing new in the ledger.
 
-| who | page | strict p50 | new rows read | queries | strict max | strict CPU | default p50 | unchanged p50 |
-|---|---|---:|---:|---:|---:|---:|---:|---:|
+{head}
 {rows}
 
 - Strict: slowest median {worst:.0f} ms, {over} of {len(strict)} pages at or over 300 ms. CPU per strict
@@ -252,7 +285,7 @@ and recomputes in the background. "Unchanged": the same view again with nothing 
   5 s old; the first view of a window nobody looked at in the last 5 s pays the strict cost).{sync}
 - Ledger: SQLite, {a.events:,} synthetic events over 90 days (bench/analytics_warehouse.py `fill`); the
   dashboard's warehouse copy in a DuckDB file (`MARGIN_UI_WAREHOUSE`).
-- Command: `.venv/bin/python bench/ui_pages.py --events {a.events} --repeat {a.repeat} --out BENCHMARKS.md`
+- Command: `.venv/bin/python bench/ui_pages.py --events {a.events} --repeat {a.repeat}{before_arg} --out BENCHMARKS.md`
 - Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. Other work shared the
   machine: load average {load0[0]:.1f} at the start, {load[0]:.1f} at the end.
 - Date: {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}.

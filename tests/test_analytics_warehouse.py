@@ -4,7 +4,9 @@ Python reference report, team restriction enforced in SQL, money saved per lever
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
+from margin.analytics import actions as act
 from margin.analytics import queries as q
+from margin.analytics import rollup
 from margin.analytics import runs as R
 from margin.analytics.filters import Filter, parse_period
 from margin.analytics.outcomes import parse_outcome
@@ -22,6 +26,7 @@ from margin.analytics.report import spend
 from margin.analytics.synthetic import event_row, events
 from margin.analytics.warehouse import Warehouse, savings_of
 from margin.ledger import open_store
+from tests.conftest import drop_pg_database, new_pg_database, require_postgres
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
@@ -168,4 +173,165 @@ def test_refresh_is_incremental_and_a_new_ledger_resets(tmp_path: Path) -> None:
     wh = Warehouse(other, path)
     wh.refresh_blocking()
     assert wh.counts()["events"] == 5  # never mixes two ledgers
+    wh.close()
+
+
+# -- the hourly rollup and the bounded de-duplication (issue 9: fresh pages at 1M events) -----------
+
+MEASURES = ", ".join(f"sum({m}) AS {m}" for m in rollup.MEASURES)
+DIMS = ", ".join(f'"{d}"' for d in rollup.DIMS)
+
+
+def _rollup_equals_events(wh: Warehouse) -> None:
+    """The rollup table holds exactly the per-hour sums of the events copied so far."""
+    src, params = rollup.source(Filter(), rollup.DIMS, use_rollup=False)
+    want = wh.query(f"SELECT date_trunc('hour', ts) AS hour, {DIMS}, {MEASURES} FROM ({src}) s "
+                    "GROUP BY ALL ORDER BY ALL", params)
+    got = wh.query(f"SELECT hour, {DIMS}, {MEASURES} FROM hourly GROUP BY ALL ORDER BY ALL")
+    assert got == want
+    # budget actions derived at copy time = the JSON of every event's `actions`, parsed in SQL
+    acts = wh.query(
+        "WITH a AS (SELECT event_id, ts_start, team, unnest(from_json(actions, '[\"json\"]')) AS x FROM events), "
+        "b AS (SELECT event_id, ts_start, team, x->>'action' AS action, unnest(coalesce(from_json(x->'budgets', "
+        "'[\"varchar\"]'), [x->>'budget'])) AS budget FROM a WHERE x->>'action' IN ('downgrade', 'block', 'defer')) "
+        "SELECT event_id, budget, action, ts_start, team FROM b WHERE budget IS NOT NULL ORDER BY ALL")
+    assert acts == wh.query("SELECT event_id, budget, action, ts_start, team FROM budget_acts ORDER BY ALL")
+    n = wh.query("SELECT count(*) AS n, count(DISTINCT event_id) AS ids FROM events")[0]
+    assert n["n"] == n["ids"]  # no event twice
+
+
+def test_synthetic_ids_are_uuid7_in_time_order() -> None:
+    rows = list(events(200, T0, 3, seed=2))
+    for r in rows:
+        u = uuid.UUID(r["event_id"])
+        assert u.version == 7 and u.variant == uuid.RFC_4122
+        assert u.int >> 80 == int(datetime.fromisoformat(r["ts_start"]).timestamp() * 1000)
+    by_time = sorted(rows, key=lambda r: (r["ts_start"], r["event_id"]))
+    assert [r["event_id"][:13] for r in by_time] == sorted(r["event_id"][:13] for r in rows)
+    assert list(events(200, T0, 3, seed=2)) == rows  # deterministic for a seed
+
+
+@pytest.mark.parametrize("f", [
+    Filter(),
+    Filter(since=T0 + timedelta(days=2, hours=5, minutes=17, seconds=3), until=NOW - timedelta(minutes=13)),
+    Filter(since=T0 + timedelta(days=3), until=T0 + timedelta(days=3, minutes=40)),  # inside one hour
+    Filter(since=T0 + timedelta(days=3, minutes=10), until=T0 + timedelta(days=3, hours=2, minutes=5), team="legal"),
+    Filter(until=NOW + timedelta(seconds=1), team="support", where=(("model", "gpt-4o"),)),
+    Filter(since=T0 + timedelta(hours=30, minutes=1), where=(("workflow", "triage"), ("env", "prod"))),
+    Filter(since=T0 + timedelta(days=1), until=NOW, where=(("user", "u7"),)),  # not in the rollup: events
+])
+@pytest.mark.parametrize("dims", [(), ("model",), ("team", "workflow"), ("tag:feature",), ("user",)])
+def test_rollup_source_is_exactly_the_events(ledger: tuple[Warehouse, list[dict[str, Any]], str], f: Filter,
+                                             dims: tuple[str, ...]) -> None:
+    wh, rows, _ = ledger
+    names = "".join(f', "{d}"' for d in dims)
+    # an hour boundary, and instants of real calls: an event exactly at a cut belongs to the later side
+    instants = sorted(datetime.fromisoformat(r["ts_start"]) for r in rows)
+    cuts = [T0 + timedelta(days=1), *(instants[len(instants) * k // 5] for k in (1, 2, 3, 4))]
+    sums = ", ".join(f"sum(cost_usd) FILTER (WHERE ts >= ? AND ts < ?) AS c{i}" for i in range(len(cuts) - 1))
+    out = []
+    for use in (True, False):
+        src, params = rollup.source(f, dims, use_rollup=use)
+        by_hour = wh.query(f"SELECT date_trunc('hour', ts) AS h{names}, {MEASURES} FROM ({src}) s "
+                           "GROUP BY ALL ORDER BY ALL", params)
+        src, params = rollup.source(f, dims, cuts=cuts, use_rollup=use)
+        pairs = [t.replace(tzinfo=None) for a, b in itertools.pairwise(cuts) for t in (a, b)]
+        cut = wh.query(f"SELECT {sums}, {MEASURES} FROM ({src}) s", [*pairs, *params])
+        out.append((by_hour, cut))
+    assert out[0] == out[1]
+    assert out[0][0] or f.team == "support"  # the filters select something (gpt-4o of support may be empty)
+
+
+def test_overview_periods_are_exact_at_any_minute(tmp_path: Path) -> None:
+    """Today, yesterday, month to date and the same stretch of last month, at a `now` off the hour,
+    equal the ledger's sums: whole hours come from the rollup, the partial ones from events."""
+    url = f"sqlite:///{tmp_path}/p.db"
+    rows = list(events(3000, datetime(2026, 10, 1, tzinfo=UTC), 51, seed=9))
+
+    async def write() -> None:
+        st = open_store(url)
+        await st.open()
+        await st.write_events(rows)
+        await st.close()
+
+    asyncio.run(write())
+    wh = Warehouse(url)
+    wh.refresh_blocking()
+    now = datetime(2026, 11, 20, 13, 37, 11, tzinfo=UTC)
+    ov = q.overview(wh, Filter(since=now - timedelta(days=30), until=now, team="legal"), now)
+
+    def spent(a: datetime, b: datetime) -> Decimal:
+        return sum((Decimal(r["cost_usd"]) for r in rows if r["team"] == "legal"
+                    and a <= datetime.fromisoformat(r["ts_start"]) < b), Decimal(0))
+
+    day0 = datetime(2026, 11, 20, tzinfo=UTC)
+    assert Decimal(ov["spend_today_usd"]) == spent(day0, now)
+    assert Decimal(ov["spend_yesterday_usd"]) == spent(day0 - timedelta(days=1), day0)
+    assert Decimal(ov["spend_month_to_date_usd"]) == spent(datetime(2026, 11, 1, tzinfo=UTC), now)
+    assert Decimal(ov["spend_last_month_same_days_usd"]) == spent(datetime(2026, 10, 1, tzinfo=UTC),
+                                                                  datetime(2026, 10, 20, 13, 37, 11, tzinfo=UTC))
+    assert Decimal(ov["cost_usd"]) == spent(now - timedelta(days=30), now)
+    assert ov["requests"] == sum(1 for r in rows if r["team"] == "legal"
+                                 and now - timedelta(days=30) <= datetime.fromisoformat(r["ts_start"]) < now)
+    wh.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/s.db"
+        return
+    require_postgres()
+    u = new_pg_database()
+    yield u
+    drop_pg_database(u)
+
+
+async def test_rows_read_again_or_late_are_counted_once(any_url: str) -> None:
+    """Late rows (old timestamps and ids), ids that are not time-ordered (the batch lane's uuid5),
+    and a whole ledger read a second time: every event once, the rollup equal to the events."""
+    store = open_store(any_url)
+    await store.open()
+    rows = list(events(600, T0, 10, seed=4))
+    await store.write_events(rows[:400])
+    wh = Warehouse(any_url, page_size=128)
+    await wh.refresh(store)
+    _rollup_equals_events(wh)
+    rng = random.Random(8)
+    acts = [{"action": "block", "budgets": ["legal-monthly", "org-daily"]}, {"action": "defer", "budget": "legal-lo"}]
+    batch = [{**event_row(rng, NOW - timedelta(days=15, minutes=i), "legal"), "actions": orjson.dumps(acts).decode(),
+              "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"item-{i}"))} for i in range(30)]
+    await store.write_events([*rows[350:], *batch])  # a spool replay: 50 already stored, old timestamps
+    stats = await wh.refresh(store)
+    assert stats.events == 230
+    _rollup_equals_events(wh)
+    wh._set_meta("pos:events", "0")  # as if positions went back: the whole ledger is read again
+    assert (await wh.refresh(store)).events == 0
+    _rollup_equals_events(wh)
+    total = sum(Decimal(r["cost_usd"]) for r in [*rows, *batch])
+    assert wh.query("SELECT sum(cost_usd) AS s FROM hourly")[0]["s"] == total
+    assert wh.counts()["events"] == 630 and wh.counts()["budget_acts"] >= 90
+    got = {(x["budget"], x["action"]): x["count"] for x in act.budget_actions(wh, Filter(team="legal"), T0)}
+    assert got[("legal-monthly", "block")] == got[("org-daily", "block")] == got[("legal-lo", "defer")] == 30
+    # each budget counted from its own start
+    mid = NOW - timedelta(days=15, minutes=10)  # the batch rows are 1 minute apart, the newest at NOW - 15 days
+    only = act.budget_actions(wh, Filter(team="legal"), T0, {"legal-lo": mid, "org-daily": T0})
+    assert {(x["budget"], x["action"]): x["count"] for x in only} == {("legal-lo", "defer"): 11,
+                                                                      ("org-daily", "block"): 30}
+    wh.close()
+    await store.close()
+
+
+def test_a_version_5_file_gets_its_rollup_without_a_new_copy(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/l.db"
+    build_ledger(url, n=800, outcomes=False)
+    path = tmp_path / "wh.duckdb"
+    wh = Warehouse(url, path)
+    wh.refresh_blocking()
+    wh.con.execute("DROP TABLE hourly")
+    wh._set_meta("schema", "5")  # the layout before the rollup
+    wh.close()
+    wh = Warehouse(url, path)
+    assert wh.counts()["events"] == 800 and wh.refresh_blocking().events == 0
+    _rollup_equals_events(wh)
     wh.close()

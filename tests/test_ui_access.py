@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from margin.analytics import actions as act
 from margin.analytics import synthetic
 from margin.analytics.filters import Filter
 from margin.analytics.warehouse import Warehouse
@@ -183,7 +184,7 @@ def test_every_query_of_a_viewers_pages_filters_by_team_in_sql(warehouse: Record
     run_id = wh.query("SELECT run_id FROM events WHERE team = 'support' AND run_id IS NOT NULL LIMIT 1")[0]["run_id"]
     wh.seen = []
     results = {
-        "overview": data.overview(wh, f, NOW, "day"), "actions": data.budget_actions(wh, f, f.since),
+        "overview": data.overview(wh, f, NOW, "day"), "actions": act.budget_actions(wh, f, f.since),
         "spend": data.spend(wh, f, "team", "day", "user"), "spend_tag": data.spend(wh, f, "tag:feature", "day"),
         "csv": data.spend_csv(wh, f, "user", "day"), "outcomes": data.outcomes(wh, f, "day", {}, {}),
         "routing": data.routing(wh, f), "run": data.run_detail(wh, run_id, f),
@@ -193,7 +194,7 @@ def test_every_query_of_a_viewers_pages_filters_by_team_in_sql(warehouse: Record
     }
     assert len(wh.seen) >= 20
     for sql, params in wh.seen:  # every scan of a table with a team column carries the team condition
-        scans = len(re.findall(r"\b(?:FROM|JOIN)\s+(?:events|savings|runs)\b", sql))
+        scans = len(re.findall(r"\b(?:FROM|JOIN)\s+(?:events|savings|runs|hourly|budget_acts)\b", sql))
         assert scans >= 1, sql
         assert len(re.findall(r"\bteam = \?", sql)) >= scans, sql
         assert params.count(team) >= scans, (sql, params)
@@ -311,3 +312,40 @@ def test_http_viewer_role_and_sign_out(gateway: Gateway, tmp_path: Path) -> None
     c2 = _client(gateway)
     c2.cookies.set("margin_ui", old, path="/ui")
     assert c2.get("/ui/overview").status_code == 303
+
+
+# -- the audit log page (issue 11), admins only -------------------------------------------------------
+
+def test_http_audit_page_lists_filters_pages_and_verifies(gateway: Gateway) -> None:
+    key = gateway.create_key(team="audited", name="audit me")
+    httpx.delete(gateway.url + f"/admin/keys/{key['key_id']}", headers={"Authorization": f"Bearer {ADMIN}"})
+    c, _ = sign_in_http(gateway, ADMIN)
+    page = c.get("/ui/audit")
+    assert page.status_code == 200 and 'href="/ui/audit"' in page.text  # in the admin's navigation
+    assert 'data-verdict="ok"' in page.text and "Chain verified" in page.text
+    mine = c.get(f"/ui/audit?target={key['key_id']}").text
+    assert re.findall(r'data-seq="(\d+)"', mine) and len(re.findall(r'data-seq="', mine)) == 2
+    chip = '<span class="chip">{}</span>'.format
+    assert chip("key.create") in mine and chip("key.revoke") in mine and "audit me" in mine
+    assert "revoked_at: null →" in mine  # what the revocation changed, field by field
+    assert len(re.findall(r'data-seq="', c.get(f"/ui/audit?target={key['key_id']}&action=key.revoke").text)) == 1
+    assert len(re.findall(r'data-seq="', c.get(f"/ui/audit?target={key['key_id']}&action=key.*").text)) == 2
+    # paging: one record a page, newest first, then the older one
+    first = c.get(f"/ui/audit?target={key['key_id']}&limit=1").text
+    older = re.search(r'href="([^"]+)" data-older', first)
+    assert older and chip("key.revoke") in first and chip("key.create") not in first
+    second = c.get(older.group(1).replace("&amp;", "&")).text
+    assert chip("key.create") in second and chip("key.revoke") not in second and "Newest" in second
+    for bad, msg in (("before_seq=x", "before_seq"), ("since=1y", "since &#39;1y&#39;"), ("limit=0", "limit")):
+        r = c.get(f"/ui/audit?{bad}")
+        assert r.status_code == 400 and msg in r.text, bad
+    # a team viewer neither sees the page in its navigation nor opens it
+    viewer = gateway.create_key(team="audited", name="v", tags={"role": "viewer"})
+    v, _ = sign_in_http(gateway, viewer["key"])
+    assert 'href="/ui/audit"' not in v.get("/ui/overview").text
+    r = v.get("/ui/audit")
+    assert r.status_code == 403 and "Only an admin can see the audit log" in r.text
+    assert v.get("/ui/pools").status_code == 403
+    # no pool in this gateway: the page says so and the navigation leaves it out
+    assert 'href="/ui/pools"' not in page.text
+    assert "No self-hosted pool is configured" in c.get("/ui/pools").text

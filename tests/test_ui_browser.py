@@ -348,3 +348,64 @@ def test_viewer_session_ends_when_its_key_is_revoked(browser: Any, ui: UI) -> No
         assert "/ui/login" in s.page.url
     finally:
         s.close()
+
+
+def test_audit_log_page(browser: Any, ui: UI) -> None:
+    """Admins read the audit log (filters, paging, each record's change) under the chain's verdict;
+    a team viewer is refused."""
+    httpx.post(ui.gw.url + "/admin/keys", headers={"Authorization": f"Bearer {ui.gw.admin_key}"},
+               json={"team": "support", "name": "audited from the browser test"}).raise_for_status()
+    s = Session(browser, ui, ui.gw.admin_key)
+    try:
+        page = s.open("/ui/audit")
+        assert page.locator("nav a", has_text="Audit log").count() == 1
+        assert "Chain verified" in page.inner_text("[data-verdict=ok]")
+        rows = page.locator("tr[data-seq]")
+        assert rows.count() >= 5  # the configuration at start, keys and budgets ui_traffic made, this key
+        seqs = [int(x) for x in page.eval_on_selector_all("tr[data-seq]", "rs => rs.map(r => r.dataset.seq)")]
+        assert seqs == sorted(seqs, reverse=True)  # newest first
+        assert "audited from the browser test" in rows.first.inner_text()
+        rows.first.locator("details summary").click()
+        assert '"name": "audited from the browser test"' in rows.first.locator("pre.json").inner_text()
+        page = s.open("/ui/audit?limit=8")  # the screenshot: one page of 8, the newest record opened
+        page.locator("tr[data-seq]").first.locator("details summary").click()
+        s.shot("audit")
+        page.fill("input[name=action]", "budget.*")
+        page.click("form.picker button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        chips = page.eval_on_selector_all("tr[data-seq] .chip", "cs => cs.map(c => c.textContent)")
+        assert chips and all(c.startswith("budget.") for c in chips), chips
+        page = s.open("/ui/audit?limit=2")
+        page.click("[data-older]")
+        page.wait_for_load_state("networkidle")
+        older = [int(x) for x in page.eval_on_selector_all("tr[data-seq]", "rs => rs.map(r => r.dataset.seq)")]
+        assert older and max(older) < min(seqs[:2])
+        assert s.errors == [], s.errors
+    finally:
+        s.close()
+    v = Session(browser, ui, ui.keys["support-viewer"]["key"])
+    try:
+        assert v.page.locator("nav a", has_text="Audit log").count() == 0
+        assert v.open("/ui/audit").locator("h1").inner_text() == "Not allowed"
+    finally:
+        v.close()
+
+
+def test_audit_page_flags_a_tampered_chain(browser: Any, ui: UI) -> None:
+    """Last in this module: it breaks the gateway's audit chain on purpose, as someone who can drop
+    the append-only trigger would."""
+    import sqlite3
+
+    conn = sqlite3.connect(ui.gw.ledger_url.removeprefix("sqlite:///"))
+    try:
+        conn.execute("DROP TRIGGER audit_log_no_update")
+        conn.execute("UPDATE audit_log SET actor = 'nobody' WHERE seq = 2")
+        conn.commit()
+    finally:
+        conn.close()
+    s = Session(browser, ui, ui.gw.admin_key)
+    try:
+        verdict = s.open("/ui/audit").inner_text("[data-verdict=broken]")
+        assert "Chain broken at record #2" in verdict and "do not match its hash" in verdict
+    finally:
+        s.close()

@@ -134,6 +134,25 @@ def backtest(history: Series, horizon: int = 7, folds: int = 4,
             "interval_coverage": round(float(np.mean(inside)), 4) if inside else None}
 
 
+def first_day(series: np.ndarray, left: float, done_today: float, today: date) -> str | None:
+    """The first day (ISO) on which a daily forecast starting today adds up to `left`, counting of
+    today only what it adds to `done_today`; None if never within the series."""
+    total = 0.0
+    for i, v in enumerate(series):
+        total += max(0.0, float(v) - done_today) if i == 0 else float(v)
+        if total >= left * (1 - 1e-9):  # float noise of the fit must not push a day later
+            return (today + timedelta(days=i)).isoformat()
+    return None
+
+
+def exhaustion_days(fc: Forecast, left: float, done_today: float, today: date) -> dict[str, str | None]:
+    """Expected, earliest (upper bound) and latest (lower bound) exhaustion day of an already fitted
+    forecast (the dashboard fits once per page and reuses it)."""
+    return {"exhausted_on": first_day(fc.mean, left, done_today, today),
+            "earliest": first_day(fc.upper, left, done_today, today),
+            "latest": first_day(fc.lower, left, done_today, today)}
+
+
 def exhaustion(history: Series, spent: Decimal, limit: Decimal, now: datetime,
                period_end: datetime, today_spent: Decimal = Decimal(0), level: float = 0.95) -> dict[str, Any]:
     """When a budget runs out if spend follows the forecast: `history` is the daily spend of the
@@ -149,16 +168,6 @@ def exhaustion(history: Series, spent: Decimal, limit: Decimal, now: datetime,
     fc = forecast(history, today, horizon, level)
     left = float(limit - spent)
     done_today = float(today_spent)
-
-    def first_day(series: np.ndarray) -> str | None:
-        total = 0.0
-        for i, v in enumerate(series):
-            total += max(0.0, float(v) - done_today) if i == 0 else float(v)
-            if total >= left * (1 - 1e-9):  # float noise of the fit must not push a day later
-                return (today + timedelta(days=i)).isoformat()
-        return None
-
-    return {"exhausted_on": first_day(fc.mean), "earliest": first_day(fc.upper), "latest": first_day(fc.lower),
-            "model": fc.model, "forecast_to_period_end_usd": round(float(fc.mean.sum()) - min(
-                done_today, float(fc.mean[0])), 6)}
+    return {**exhaustion_days(fc, left, done_today, today), "model": fc.model,
+            "forecast_to_period_end_usd": round(float(fc.mean.sum()) - min(done_today, float(fc.mean[0])), 6)}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from margin.analytics.filters import parse_period
 from margin.domain import usd
 from margin.ledger.schema import Row
 
@@ -153,6 +154,26 @@ class Baseline:
 
 def human_baseline(minutes: Decimal, hourly_usd: Decimal, label: str = "") -> Baseline:
     return Baseline(minutes * hourly_usd / 60, label or f"{minutes} human minutes at ${hourly_usd}/h")
+
+
+def baselines(workflows: Iterable[Any]) -> tuple[dict[str, Baseline], dict[str, tuple[datetime, datetime, str]]]:
+    """Each configured workflow's baseline (margin.yaml `workflows[].baseline`): fixed ones (a cost per
+    outcome, or human minutes at an hourly rate) and, per workflow, the (start, end, label) of a period
+    whose own cost per outcome is the baseline. `margin report outcomes` and the dashboard use it."""
+    fixed: dict[str, Baseline] = {}
+    periods: dict[str, tuple[datetime, datetime, str]] = {}
+    for w in workflows:
+        b = w.baseline
+        if b is None:
+            continue
+        if b.cost_per_outcome_usd is not None:
+            fixed[w.name] = Baseline(b.cost_per_outcome_usd, b.label or "configured")
+        elif b.human_minutes is not None and b.hourly_usd is not None:
+            fixed[w.name] = human_baseline(b.human_minutes, b.hourly_usd, b.label)
+        elif b.period:
+            start, end = parse_period(b.period)
+            periods[w.name] = (start, end, b.label or f"margin in {b.period}")
+    return fixed, periods
 
 
 def percentile_dec(values: Sequence[Decimal], q: float) -> Decimal | None:

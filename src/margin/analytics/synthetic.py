@@ -34,6 +34,15 @@ def daily_spend(days: int = 90, seed: int = 0, base: float = 100.0, trend: float
     return out
 
 
+def uuid7_at(ts: datetime, rng: random.Random) -> str:
+    """A UUIDv7 (RFC 9562) for `ts`: 48-bit Unix milliseconds, then 74 random bits from `rng`, as
+    the gateway's `uuid_utils.uuid7()` makes them, so ids sort by time like a real ledger's do
+    (the warehouse's de-duplication relies on that to stay cheap), yet deterministic for a seed."""
+    ms = int(ts.timestamp() * 1000) & ((1 << 48) - 1)
+    rand_a, rand_b = rng.getrandbits(12), rng.getrandbits(62)
+    return str(uuid.UUID(int=(ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b))
+
+
 def event_row(rng: random.Random, ts: datetime, team: str, model: int = 0, run_id: str = "", workflow: str = "",
               step: str = "", tool: str = "", status: int = 200, scale: float = 1.0) -> Row:
     name, pin, pout = MODELS[model]
@@ -61,7 +70,7 @@ def event_row(rng: random.Random, ts: datetime, team: str, model: int = 0, run_i
         inp = out = cached = 0
     lat = rng.uniform(150, 2500) * scale
     return {
-        "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        "event_id": uuid7_at(ts, rng),
         "ts_start": ts.isoformat(), "ts_end": (ts + timedelta(milliseconds=lat)).isoformat(),
         "request_id": f"r{rng.getrandbits(32)}", "parent_event_id": None,
         "run_id": run_id or None, "step": step or None, "workflow": workflow or None, "agent": None,

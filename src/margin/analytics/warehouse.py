@@ -9,6 +9,9 @@ the measurements). So `refresh()` reads new rows through margin's own store API 
 - PostgreSQL replicas commit out of order, so positions are transaction ids and each refresh reads
   again from the oldest transaction that was still running at the last refresh: a row committed
   late is never missed, a row read twice is ignored by the primary key.
+
+Besides the copy, refresh keeps per-run aggregates (`runs`) and an hourly rollup (`hourly`, see
+rollup.py) for the hours and runs that got new rows.
 """
 
 from __future__ import annotations
@@ -18,20 +21,20 @@ import contextlib
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
-import orjson
 
+from margin.analytics import derived, rollup
+from margin.analytics.derived import budget_acts_of, savings_of
 from margin.ledger.schema import EVENT_COLUMNS, MONEY_FIELDS, OUTCOME_FIELDS, TIME_FIELDS, Row
 from margin.ledger.store import SYNC_KEYS, Store, SyncTable, open_store
 
 MONEY = "DECIMAL(38, 24)"  # 14 integer digits, 24 decimals: a nano-cent is 1e-11
 PAGE = 50_000
-SCHEMA_VERSION = "5"  # 5: events.tool_calls
+SCHEMA_VERSION = "6"  # 5: events.tool_calls; 6: hourly rollup, budget_acts (built from events when a 5 opens)
 
 
 def _duck_type(name: str, sqlite_type: str) -> str:
@@ -66,9 +69,7 @@ _SCHEMA = (
     # an anti-join on event_id instead (one writer, under a lock).
     _ddl("events", EVENT_TYPES, ""),
     _ddl("outcomes", OUTCOME_TYPES, "outcome_id"),
-    # Money saved per lever, one row per (event, lever), from the event's `actions` "saved" entries.
-    "CREATE TABLE IF NOT EXISTS savings (event_id VARCHAR, lever VARCHAR, usd DECIMAL(38, 24), tokens BIGINT, "
-    "ts_start TIMESTAMP, team VARCHAR, PRIMARY KEY (event_id, lever))",
+    *derived.DDL,  # savings per lever, budget actions: parsed from `actions` once, at copy time
     # Per (run, team) aggregates, rebuilt at refresh for the runs that got new calls: the outcome
     # and run pages group ~100k runs instead of a million calls.
     "CREATE TABLE IF NOT EXISTS runs (run_id VARCHAR, team VARCHAR, started TIMESTAMP, ended TIMESTAMP, "
@@ -76,6 +77,7 @@ _SCHEMA = (
     "errors BIGINT)",
     # The outcome that counts per run (rebuilt at refresh when outcomes arrive, see _RUN_OUTCOME).
     "CREATE TABLE IF NOT EXISTS run_outcome AS SELECT * FROM outcomes WHERE FALSE",
+    rollup.DDL,
 )
 # The latest outcome by ts, then by arrival (see outcomes.counted): a table, not a view, so the
 # outcome pages do not sort every outcome on every query.
@@ -98,8 +100,13 @@ def _insert_sql(table: str, types: dict[str, str]) -> str:
     cols = ", ".join(_q(n) for n in types)
     exprs = ", ".join(_cast(n, t) for n, t in types.items())
     if table == "events":
-        return (f"INSERT INTO events ({cols}) SELECT {exprs} FROM page "
-                "WHERE event_id NOT IN (SELECT event_id FROM events)")
+        # Rows read twice are dropped by id. A copy of a page row has that row's id and ts_start, so
+        # only stored rows with id >= the page's smallest id AND ts_start >= its earliest can be one:
+        # ids are UUIDv7 (time-ordered) and rows arrive roughly in time order, so DuckDB's zone maps
+        # skip all but the newest row groups (ts_start covers ids that are not time-ordered, such as
+        # the batch lane's uuid5). Both bounds are parameters: ?, ? = min(id), min(ts_start) of the page.
+        return (f"INSERT INTO events ({cols}) SELECT {exprs} FROM page WHERE event_id NOT IN "
+                "(SELECT event_id FROM events WHERE event_id >= ? AND ts_start >= ?)")
     return f"INSERT INTO {table} ({cols}) SELECT {exprs} FROM page ON CONFLICT DO NOTHING"
 
 
@@ -109,28 +116,6 @@ _TYPES = {"events": EVENT_TYPES, "outcomes": OUTCOME_TYPES}
 
 def _text_money(v: Any) -> Any:
     return None if v is None else str(v)
-
-
-def savings_of(row: Row) -> list[tuple[str, str, str, int]]:
-    """(event_id, lever, usd, tokens) per lever an event saved money with. Levers append
-    `{"action": "saved", "lever", "usd", "tokens"}` to `actions`; older events (cache hits) only
-    have `lever` / `avoided_cost_usd` / `tokens_saved`."""
-    actions = row.get("actions")
-    out: dict[str, tuple[str, str, str, int]] = {}
-    if actions and '"saved"' in actions:
-        for a in orjson.loads(actions) if isinstance(actions, str) else actions:
-            if isinstance(a, dict) and a.get("action") == "saved" and a.get("lever"):
-                lever = str(a["lever"])
-                prev = out.get(lever)
-                usd_ = Decimal(str(a.get("usd") or 0)) + (Decimal(prev[2]) if prev else 0)
-                tokens = int(a.get("tokens") or 0) + (prev[3] if prev else 0)
-                out[lever] = (row["event_id"], lever, format(usd_, "f"), tokens)
-    if not out and row.get("lever"):
-        levers = [x.strip() for x in str(row["lever"]).split(",") if x.strip()]
-        if levers:  # several levers but no breakdown: credit the first (documented)
-            out[levers[0]] = (row["event_id"], levers[0], str(row.get("avoided_cost_usd") or "0"),
-                              int(row.get("tokens_saved") or 0))
-    return list(out.values())
 
 
 @dataclass
@@ -158,14 +143,22 @@ class Warehouse:
         self.con.execute("SET TimeZone = 'UTC'")
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
-        self._lock = threading.Lock()  # one refresh at a time; queries use their own cursors
+        self._refreshing = threading.Lock()  # one refresh at a time; queries use their own cursors
         self._touched: set[str] = set()  # runs with new calls since their aggregates were built
+        self._hours: set[datetime] = set()  # hours (naive UTC) with new calls since the rollup was built
         self.con.execute(_SCHEMA[0])  # meta first: it says whether the rest is ours
         known = self._meta("ledger_url"), self._meta("schema")
-        if known != (None, None) and known != (ledger_url, SCHEMA_VERSION):
+        upgrade = known == (ledger_url, "5")  # only the rollup is new: build it from the copy
+        if known != (None, None) and known != (ledger_url, SCHEMA_VERSION) and not upgrade:
             self._reset()  # another ledger (or layout): start over rather than mix two ledgers
         for stmt in _SCHEMA:
             self.con.execute(stmt)
+        if upgrade:
+            self._rebuild(self.con, {r[0] for r in self.con.execute(
+                "SELECT DISTINCT date_trunc('hour', ts_start) FROM events").fetchall()}, set(), False)
+            self._derive(self.con, self.con.execute(
+                "SELECT event_id, actions FROM events WHERE actions LIKE '%\"downgrade\"%' "
+                "OR actions LIKE '%\"block\"%' OR actions LIKE '%\"defer\"%'").fetchall(), "", datetime.min)
         self._set_meta("ledger_url", ledger_url)
         self._set_meta("schema", SCHEMA_VERSION)
 
@@ -174,14 +167,14 @@ class Warehouse:
         r = self.con.execute("SELECT v FROM meta WHERE k = ?", [k]).fetchall()
         return str(r[0][0]) if r else None
 
-    def _set_meta(self, k: str, v: str) -> None:
-        self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [k, v])
+    def _set_meta(self, k: str, v: str, cur: duckdb.DuckDBPyConnection | None = None) -> None:
+        (cur or self.con).execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [k, v])
 
     def _reset(self) -> None:
         for kind in ("VIEW", "TABLE"):  # run_outcome was a view in an earlier layout
             with contextlib.suppress(duckdb.CatalogException):
                 self.con.execute(f"DROP {kind} IF EXISTS run_outcome")
-        for t in ("events", "outcomes", "savings", "runs", "meta"):
+        for t in ("events", "outcomes", "savings", "budget_acts", "runs", rollup.TABLE, "meta"):
             self.con.execute(f"DROP TABLE IF EXISTS {t}")
         self.con.execute(_SCHEMA[0])
 
@@ -203,21 +196,37 @@ class Warehouse:
 
     # -- sync -----------------------------------------------------------------------------------
     async def refresh(self, store: Store | None = None) -> SyncStats:
-        """Copy rows committed since the last refresh (events, outcomes). Safe to call often."""
+        """Copy rows committed since the last refresh (events, outcomes). Safe to call often.
+
+        One refresh at a time, in one DuckDB transaction (a bulk copy commits after each full page):
+        a page sees the new events, their rollup hours and run aggregates together or not at all,
+        and a refresh of a few new rows commits once."""
         t0 = asyncio.get_running_loop().time()
         own = store is None
         st = store or open_store(self.ledger_url)
         stats = SyncStats()
+        while not self._refreshing.acquire(blocking=False):  # not a blocking wait: the loop keeps serving
+            await asyncio.sleep(0.005)
+        cur = self.con.cursor()
         try:
             if own:
                 await st.open()
+            cur.execute("BEGIN TRANSACTION")
             for table in ("events", "outcomes"):
-                await self._sync_table(st, table, stats)
-            if self._touched:
-                await asyncio.to_thread(self._rebuild_runs)
-            if stats.outcomes:
-                await asyncio.to_thread(self._rebuild_run_outcome)
+                await self._sync_table(st, cur, table, stats)
+            hours, runs = set(self._hours), set(self._touched)
+            if hours or runs or stats.outcomes:
+                await asyncio.to_thread(self._rebuild, cur, hours, runs, bool(stats.outcomes))
+            cur.execute("COMMIT")
+            self._hours -= hours  # only once committed: a failed refresh rebuilds them next time
+            self._touched -= runs
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            raise
         finally:
+            cur.close()
+            self._refreshing.release()
             if own:
                 await st.close()
         stats.seconds = asyncio.get_running_loop().time() - t0
@@ -226,7 +235,8 @@ class Warehouse:
     def refresh_blocking(self) -> SyncStats:
         return asyncio.run(self.refresh())
 
-    async def _sync_table(self, store: Store, table: SyncTable, stats: SyncStats) -> None:
+    async def _sync_table(self, store: Store, cur: duckdb.DuckDBPyConnection, table: SyncTable,
+                          stats: SyncStats) -> None:
         pos_key = f"pos:{table}"
         from_pos = int(self._meta(pos_key) or 0)
         watermark = await store.sync_watermark(table)
@@ -240,69 +250,81 @@ class Warehouse:
             rows = await store.fetch_page(table, from_pos, after, self.page_size)
             if not rows:
                 break
-            n = await asyncio.to_thread(self._ingest, table, rows)
+            n = await asyncio.to_thread(self._ingest, cur, table, rows)
             setattr(stats, table, getattr(stats, table) + n)
             stats.pages += 1
             after = (int(rows[-1]["_pos"]), str(rows[-1][key]))
             if len(rows) < self.page_size:
                 break
-        self._set_meta(pos_key, str(max(from_pos, watermark)))
+            cur.execute("COMMIT")  # a bulk copy: keep transactions to a page (the position moves at the end)
+            cur.execute("BEGIN TRANSACTION")
+        if max(from_pos, watermark) != from_pos or stats.rebuilt:  # a write costs a WAL entry: only on change
+            self._set_meta(pos_key, str(max(from_pos, watermark)), cur)
         stats.positions[table] = max(from_pos, watermark)
 
-    def _ingest(self, table: SyncTable, rows: list[Row]) -> int:
+    def _ingest(self, cur: duckdb.DuckDBPyConnection, table: SyncTable, rows: list[Row]) -> int:
         types = _TYPES[table]
         # Transpose with zip (C speed); stores give every row the same keys in the same order.
         names = list(rows[0])
         cols = dict(zip(names, zip(*(r.values() for r in rows), strict=True), strict=True))
         page = {n: np.array([_text_money(v) for v in cols[n]] if t == MONEY else cols[n], dtype=object)
                 for n, t in types.items()}
-        with self._lock:
-            cur = self.con.cursor()
-            try:
-                before = _scalar(cur, f"SELECT count(*) FROM {table}")
-                cur.register("page", page)
-                cur.execute(_INSERTS[table])
-                cur.unregister("page")
-                if table == "events":
-                    self._touched.update(r for r in cols.get("run_id", ()) if r)
-                    saved = [s for r in rows if (r.get("lever") or r.get("actions")) for s in savings_of(r)]
-                    if saved:
-                        scols = list(zip(*saved, strict=True))
-                        cur.register("saved", {n: np.array(c, dtype=object)
-                                               for n, c in zip(("e", "l", "u", "t"), scols, strict=True)})
-                        cur.execute(f"INSERT INTO savings SELECT s.e, s.l, CAST(s.u AS {MONEY}), CAST(s.t AS BIGINT), "
-                                    "e.ts_start, e.team FROM saved s JOIN events e ON e.event_id = s.e "
-                                    "ON CONFLICT DO NOTHING")
-                        cur.unregister("saved")
-                after = _scalar(cur, f"SELECT count(*) FROM {table}")
-            finally:
-                cur.close()
-        return int(after) - int(before)
+        cur.register("page", page)
+        if table != "events":
+            added = int(_scalar(cur, _INSERTS[table]))  # DuckDB answers an INSERT with the rows it added
+            cur.unregister("page")
+            return added
+        ts = _cast("ts_start", "TIMESTAMP")
+        # the page's de-duplication bounds, and its hours (new rows or not: rebuilding an hour again is harmless)
+        lo_id, lo_ts, hours = cur.execute(
+            f"SELECT min(event_id), min({ts}), list(DISTINCT date_trunc('hour', {ts})) FROM page").fetchall()[0]
+        added = int(_scalar(cur, _INSERTS[table], [lo_id, lo_ts]))
+        self._hours.update(hours)
+        cur.unregister("page")
+        self._touched.update(r for r in cols.get("run_id", ()) if r)
+        self._derive(cur, [(r["event_id"], r.get("actions"), r.get("lever"), r.get("avoided_cost_usd"),
+                            r.get("tokens_saved")) for r in rows if r.get("lever") or r.get("actions")], lo_id, lo_ts)
+        return added
 
-    def _rebuild_runs(self) -> None:
-        with self._lock:
-            touched, self._touched = self._touched, set()
-            cur = self.con.cursor()
-            try:
-                cur.register("touched", {"run_id": np.array(sorted(touched), dtype=object)})
-                cur.execute("DELETE FROM runs WHERE run_id IN (SELECT run_id FROM touched)")
-                cur.execute(
-                    "INSERT INTO runs SELECT run_id, coalesce(team, ''), min(ts_start), max(ts_end), max(workflow), "
-                    "sum(cost_usd), count(*), sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), "
-                    "sum(coalesce(tool_calls, 0)), "
-                    "count(*) FILTER (WHERE error_type = 'run_limit_exceeded'), count(*) FILTER (WHERE status >= 400) "
-                    "FROM events WHERE run_id IN (SELECT run_id FROM touched) GROUP BY 1, 2")
-                cur.unregister("touched")
-            finally:
-                cur.close()
+    @staticmethod
+    def _derive(cur: duckdb.DuckDBPyConnection, rows: list[tuple[Any, ...]], lo_id: str, lo_ts: datetime) -> None:
+        """savings and budget_acts rows of events just copied ((event_id, actions[, lever, avoided,
+        tokens saved]) each); ids >= lo_id and ts_start >= lo_ts, as in the de-duplication."""
+        names = ("event_id", "actions", "lever", "avoided_cost_usd", "tokens_saved")
+        dicts = [dict(zip(names, r, strict=False)) for r in rows]
+        for table, of in (("savings", savings_of), ("budget_acts", budget_acts_of)):
+            found: list[tuple[Any, ...]] = [x for d in dicts for x in of(d)]
+            if found:
+                cols = zip(derived.INSERTS[table][0], zip(*found, strict=True), strict=True)
+                cur.register("derived", {n: np.array(c, dtype=object) for n, c in cols})
+                cur.execute(derived.insert_sql(table), [lo_id, lo_ts])
+                cur.unregister("derived")
 
-    def _rebuild_run_outcome(self) -> None:
-        with self._lock:
-            self.con.execute(_RUN_OUTCOME)
+    @staticmethod
+    def _rebuild(cur: duckdb.DuckDBPyConnection, hours: set[datetime], runs: set[str], outcomes: bool) -> None:
+        """The rollup hours and run aggregates that got new events, and the counted outcomes."""
+        if runs:
+            cur.register("touched", {"run_id": np.array(sorted(runs), dtype=object)})
+            cur.execute("DELETE FROM runs WHERE run_id IN (SELECT run_id FROM touched)")
+            cur.execute(
+                "INSERT INTO runs SELECT run_id, coalesce(team, ''), min(ts_start), max(ts_end), max(workflow), "
+                "sum(cost_usd), count(*), sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), "
+                "sum(coalesce(tool_calls, 0)), "
+                "count(*) FILTER (WHERE error_type = 'run_limit_exceeded'), count(*) FILTER (WHERE status >= 400) "
+                "FROM events WHERE run_id IN (SELECT run_id FROM touched) GROUP BY 1, 2")
+            cur.unregister("touched")
+        if hours:
+            ordered = sorted(hours)
+            cur.register("touched", {"h": np.array(ordered, dtype="datetime64[us]")})
+            cur.execute(rollup.REBUILD[0])
+            cur.execute(rollup.REBUILD[1], [ordered[0], ordered[-1] + rollup.HOUR])
+            cur.unregister("touched")
+        if outcomes:
+            cur.execute(_RUN_OUTCOME)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for t in ("events", "outcomes", "savings"):
+        for t in ("events", "outcomes", "savings", "budget_acts", rollup.TABLE):
             out[t] = int(_scalar(self.con, f"SELECT count(*) FROM {t}"))
         return out
 
@@ -317,4 +339,4 @@ def utc_naive(t: datetime) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
-__all__ = ["OUTCOME_FIELDS", "SyncStats", "Warehouse", "savings_of", "utc_naive"]
+__all__ = ["OUTCOME_FIELDS", "SyncStats", "Warehouse", "budget_acts_of", "savings_of", "utc_naive"]

@@ -164,26 +164,6 @@ def spend(
     _spend(config, since, until, period, team, by, top, format, json, png, warehouse)
 
 
-def baselines_of(cfg: Config) -> tuple[dict[str, Any], dict[str, tuple[datetime, datetime, str]]]:
-    from margin.analytics.filters import parse_period
-    from margin.analytics.outcomes import Baseline, human_baseline
-
-    fixed: dict[str, Any] = {}
-    periods: dict[str, tuple[datetime, datetime, str]] = {}
-    for w in cfg.workflows:
-        b = w.baseline
-        if b is None:
-            continue
-        if b.cost_per_outcome_usd is not None:
-            fixed[w.name] = Baseline(b.cost_per_outcome_usd, b.label or "configured")
-        elif b.human_minutes is not None and b.hourly_usd is not None:
-            fixed[w.name] = human_baseline(b.human_minutes, b.hourly_usd, b.label)
-        elif b.period:
-            start, end = parse_period(b.period)
-            periods[w.name] = (start, end, b.label or f"margin in {b.period}")
-    return fixed, periods
-
-
 @app.command("outcomes")
 def outcomes(
     config: Path = CONFIG_OPT, since: str = typer.Option("30d", help="30m, 24h, 7d, 2w or an ISO date"),
@@ -194,11 +174,12 @@ def outcomes(
     """Cost per successful outcome per workflow (all spend of its runs / successes), the agentic
     multiplier, p50/p95 run cost, baseline, saving and ROI, and the trend."""
     from margin.analytics import runs as r
+    from margin.analytics.outcomes import baselines
 
     cfg = config_or_exit(config)
     fmt, f = _fmt(format, json), window(since, until, period, team)
     wh = warehouse_for(cfg, warehouse)
-    fixed, periods = baselines_of(cfg)
+    fixed, periods = baselines(cfg.workflows)
     try:
         rows = r.cost_per_outcome(wh, f, fixed, periods)
         trend = r.outcome_trend(wh, f, bucket)

@@ -75,6 +75,10 @@ async def handle(app: MarginApp, method: str, path: str, headers: dict[str, str]
 
         query = (scope or {}).get("query_string", b"").decode("latin-1")
         return await runs_admin.handle(app, method, parts, query)
+    if len(parts) == 2 and parts[1] == "pools":  # self-hosted pools and autoscaling advice (issue 11)
+        from margin.gateway import pools
+
+        return await pools.handle(app, method, headers)
     if len(parts) in (2, 3) and parts[1] == "budgets":
         return await budget_admin.handle(app, method, parts, body, who)
     if len(parts) < 2 or parts[1] != "keys" or len(parts) > 3:

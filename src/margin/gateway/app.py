@@ -328,10 +328,6 @@ class MarginApp:
             from margin.gateway import outcomes
 
             return await outcomes.handle(self, headers, await self._read_body(headers, receive))
-        if path.removesuffix("/") == "/admin/pools":  # self-hosted pools and autoscaling advice
-            from margin.gateway import pools
-
-            return await pools.handle(self, method, headers)
         if path.startswith("/admin/"):
             body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
             return await admin.handle(self, method, path, headers, body, scope)  # scope: client address, query

@@ -12,13 +12,11 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import numpy as np
-
 from margin.analytics import forecast as fc
 from margin.analytics import queries as q
+from margin.analytics.actions import budget_actions
 from margin.analytics.filters import Filter
 from margin.analytics.warehouse import Warehouse
-from margin.ui.data import budget_actions
 
 HISTORY_DAYS = 56  # eight weeks: enough for the weekly seasonality the forecast models
 ACTIONS = ("notify", "downgrade", "defer", "block")
@@ -76,16 +74,6 @@ class Forecasts:
         return out
 
 
-def _first_day(series: np.ndarray, left: float, done_today: float, today: date) -> str | None:
-    """Mirrors analytics.forecast.exhaustion on an already fitted forecast (one fit per page)."""
-    total = 0.0
-    for i, v in enumerate(series):
-        total += max(0.0, float(v) - done_today) if i == 0 else float(v)
-        if total >= left * (1 - 1e-9):
-            return (today + timedelta(days=i)).isoformat()
-    return None
-
-
 def burn(wh: Warehouse, f: Filter, b: dict[str, Any], now: datetime, forecasts: Forecasts) -> dict[str, Any]:
     """Burn-down of a USD budget's busiest counter this period, with the forecast to period end:
     by day, or by hour for periods of two days or less."""
@@ -101,7 +89,7 @@ def burn(wh: Warehouse, f: Filter, b: dict[str, Any], now: datetime, forecasts: 
     today = today0.date()
     hourly = end - start <= timedelta(days=2)
     if hourly:
-        per_hour = hourly_spend(wh, f, scope, start, min(end, now))
+        per_hour = q.hourly_spend(wh, f, scope, start, min(end, now))
         spent = sum(per_hour.values(), Decimal(0))
         today_spent = sum((v for t, v in per_hour.items() if t >= today0.replace(tzinfo=None)), Decimal(0))
     else:
@@ -134,23 +122,11 @@ def burn(wh: Warehouse, f: Filter, b: dict[str, Any], now: datetime, forecasts: 
             exhausted = {"exhausted_on": today.isoformat(), "earliest": today.isoformat(),
                          "latest": today.isoformat()}
         else:
-            exhausted = {"exhausted_on": _first_day(f_.mean, left, done, today),
-                         "earliest": _first_day(f_.upper, left, done, today),
-                         "latest": _first_day(f_.lower, left, done, today)}
+            exhausted = fc.exhaustion_days(f_, left, done, today)
     return {"chart": chart, "spent_usd": format(spent, "f"), "counter": busiest["scope"] if busiest else "",
             "model": model_note or f_.model, "history_days": len(history), "hourly": hourly, **exhausted,
             "forecast_period_usd": format(spent + Decimal(str(round(max(0.0, float(f_.mean.sum()) - min(
                 done, float(f_.mean[0]))), 6))), "f")}
-
-
-def hourly_spend(wh: Warehouse, f: Filter, scope: dict[str, str], start: datetime,
-                 end: datetime) -> dict[datetime, Decimal]:
-    """ui query: a scope's spend per hour (naive UTC), as queries.burn_down scopes it per day."""
-    exact = tuple((("key_id" if d == "key" else d), v) for d, v in scope.items() if v != "*")
-    where, params = Filter(since=start, until=end, team=f.team, where=(*f.where, *exact)).sql()
-    rows = wh.query(f"SELECT date_trunc('hour', ts_start) AS h, sum(cost_usd) AS c FROM events WHERE {where} "
-                    "GROUP BY 1 ORDER BY 1", params)
-    return {r["h"]: r["c"] for r in rows}
 
 
 def _lines(b: dict[str, Any], labels: list[str], limit: float, series: list[list[float | None]]) -> dict[str, Any]:
@@ -258,20 +234,13 @@ def _chart(b: dict[str, Any], start: datetime, last: date, today: date, spent_ro
 
 def fired_actions(wh: Warehouse, f: Filter, budgets: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per budget: how many downgrades, blocks and deferrals its thresholds caused this period."""
-    if not budgets:
+    starts = {b["id"]: datetime.fromisoformat(b["period_start"]) for b in budgets}
+    if not starts:
         return {}
-    starts = {b["id"]: datetime.fromisoformat(b["period_start"]).astimezone(UTC).replace(tzinfo=None)
-              for b in budgets}
-    rows = budget_actions(wh, f, min(starts.values()))
-    acc: dict[str, dict[str, dict[str, Any]]] = {}
-    for x in rows:
-        since = starts.get(x["budget"])
-        if since is None or x["hour"] + timedelta(hours=1) <= since:
-            continue
-        a = acc.setdefault(x["budget"], {}).setdefault(x["action"], {"action": x["action"], "count": 0, "last": ""})
-        a["count"] += int(x["n"])
-        a["last"] = max(a["last"], x["last"].isoformat(timespec="seconds"))
-    return {k: sorted(v.values(), key=lambda a: ACTIONS.index(a["action"]) if a["action"] in ACTIONS else 9)
+    acc: dict[str, list[dict[str, Any]]] = {}
+    for x in budget_actions(wh, f, min(starts.values()), starts):
+        acc.setdefault(x["budget"], []).append({"action": x["action"], "count": x["count"], "last": x["last"]})
+    return {k: sorted(v, key=lambda a: ACTIONS.index(a["action"]) if a["action"] in ACTIONS else 9)
             for k, v in acc.items()}
 
 

@@ -22,6 +22,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from margin.analytics.warehouse import Warehouse
 from margin.ui import fmt
+from margin.ui.params import BUCKETS, BY_CHOICES, FILTER_DIMS, PERIODS
 from margin.ui.session import COOKIE, LOGIN_COOKIE, Session, Signer, cookie, is_viewer_key, read_cookies
 
 log = logging.getLogger("margin.ui")
@@ -38,6 +39,9 @@ REFRESH_S = 1.0  # the warehouse reads new ledger rows at most this often
 WAIT_S = 1.5  # the longest a page waits for a running refresh before rendering what is there
 RESULTS_KEPT = 256
 MAX_STALE_S = 5.0  # how far behind the ledger a page may be (MARGIN_UI_MAX_STALE_S; 0: never behind)
+NAV = (("overview", "Overview"), ("spend", "Spend"), ("budgets", "Budgets"), ("outcomes", "Outcomes"),
+       ("routing", "Routing & runs"), ("pools", "Pools"), ("keys", "Keys"), ("audit", "Audit log"))
+ADMIN_PAGES = frozenset({"keys", "audit", "pools"})  # a team viewer neither sees nor opens these
 
 
 class Host(Protocol):
@@ -236,6 +240,15 @@ class Dashboard:
         return {"s": s, "page": page, "csrf": self.signer.csrf(s.nonce) if s else "", "req": req,
                 "syncing": not self.synced_once, "sync_error": self.sync_error,
                 "events_loaded": self.wh.counts()["events"] if not self.synced_once else None}
+
+    def ctx(self, req: Request, s: Session, page: str, v: Any = None, **kw: Any) -> dict[str, Any]:
+        """What every signed-in page's template gets: the navigation for this role, the view, the pickers."""
+        nav = [(k, t) for k, t in NAV if s.is_admin or k not in ADMIN_PAGES]
+        if not getattr(getattr(self.host, "pools", None), "pools", None):
+            nav = [(k, t) for k, t in nav if k != "pools"]  # no self-hosted pool configured
+        return {**self.base(req, s, page), "nav": nav, "view": v, "periods": PERIODS, "bucket_choices": BUCKETS,
+                "by_choices": BY_CHOICES, "filter_dims": FILTER_DIMS, "chart_json": lambda c: orjson.dumps(c).decode(),
+                **kw}
 
     def error(self, req: Request, s: Session | None, status: int, message: str) -> Reply:
         return self.html(req, "error.html", {**self.base(req, s, ""), "status": status, "message": message}, status)

@@ -2,8 +2,8 @@
 runs these in a worker thread, never on its event loop.
 
 Every query takes the page's `Filter`, whose team restriction (a viewer's team) is part of the
-SQL. The queries written here (not in analytics/) are marked "ui query"; they belong in analytics
-eventually. Money stays exact decimal text; floats appear only in chart data, to be drawn."""
+SQL. The queries themselves live in analytics/; this module shapes their rows for the pages. Money
+stays exact decimal text; floats appear only in chart data, to be drawn."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from margin.analytics import actions as act
 from margin.analytics import queries as q
 from margin.analytics import runs as r
-from margin.analytics.filters import Filter, dim_sql
+from margin.analytics.filters import Filter
 from margin.analytics.outcomes import Baseline
 from margin.analytics.warehouse import Warehouse
 from margin.ui.params import FILTER_DIMS, bucket_label, buckets
@@ -51,25 +52,6 @@ def stacked(series: Rows, since: datetime, until: datetime, bucket: str) -> dict
     keys = sorted((k for k in values if totals[k] != 0), key=lambda k: (k == "other", -totals[k], k))
     return {"type": "bar", "stacked": True, "money": True, "labels": [bucket_label(t, bucket) for t in slots],
             "datasets": [{"label": k, "data": values[k]} for k in keys]}
-
-
-def choices(wh: Warehouse, f: Filter, dims: tuple[str, ...] = FILTER_DIMS, limit: int = 100) -> dict[str, list[str]]:
-    """ui query: the values each filter can take in the range (one scan, GROUPING SETS), within the
-    team restriction. The page's own filters are left out so the other values stay selectable."""
-    g = Filter(since=f.since, until=f.until, team=f.team)
-    where, params = g.sql()
-    cols = ", ".join(f"{dim_sql(d)} AS \"{d}\"" for d in dims)
-    names = ", ".join(f"\"{d}\"" for d in dims)
-    sets = ", ".join(f"(\"{d}\")" for d in dims)
-    rows = wh.query(f"SELECT {names}, sum(c) AS c FROM (SELECT {cols}, cost_usd AS c FROM events WHERE {where}) "
-                    f"GROUP BY GROUPING SETS ({sets}) ORDER BY c DESC NULLS LAST", params)
-    out: dict[str, list[str]] = {d: [] for d in dims}
-    for row in rows:
-        for d in dims:
-            v = row[d]
-            if v not in (None, "") and len(out[d]) < limit:
-                out[d].append(str(v))
-    return out
 
 
 def merged_levers(rows: Rows) -> Rows:
@@ -108,7 +90,7 @@ def spend(wh: Warehouse, f: Filter, by: str, bucket: str, top_by: str = "user") 
     return {"chart": stacked(series, f.since, f.until, bucket), "breakdown": breakdown[:100],
             "breakdown_rows": len(breakdown), "total_usd": format(total, "f"),
             "requests": sum(int(x["requests"]) for x in breakdown),
-            "top": q.top_spenders(wh, f, by=top_by, limit=10), "choices": choices(wh, f)}
+            "top": q.top_spenders(wh, f, by=top_by, limit=10), "choices": q.choices(wh, f, FILTER_DIMS)}
 
 
 def spend_csv(wh: Warehouse, f: Filter, by: str, bucket: str) -> str:
@@ -122,47 +104,6 @@ def spend_csv(wh: Warehouse, f: Filter, by: str, bucket: str) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
-
-
-def budget_actions(wh: Warehouse, f: Filter, since: datetime) -> Rows:
-    """ui query: downgrades, blocks and deferrals per budget and hour since `since`, from the
-    `actions` the gateway recorded on each event (every replica's, unlike the in-memory `fired`)."""
-    g = Filter(since=since, team=f.team)
-    where, params = g.sql()
-    rows = wh.query(
-        "WITH a AS (SELECT ts_start, unnest(from_json(actions, '[\"json\"]')) AS x FROM events "
-        f"WHERE {where} AND (actions LIKE '%\"downgrade\"%' OR actions LIKE '%\"block\"%' "
-        "OR actions LIKE '%\"defer\"%')), "
-        "b AS (SELECT ts_start, x->>'action' AS action, unnest(coalesce(from_json(x->'budgets', '[\"varchar\"]'), "
-        "[x->>'budget'])) AS budget FROM a WHERE x->>'action' IN ('downgrade', 'block', 'defer')) "
-        "SELECT budget, action, date_trunc('hour', ts_start) AS hour, count(*) AS n, max(ts_start) AS last "
-        "FROM b WHERE budget IS NOT NULL GROUP BY ALL ORDER BY budget, action, hour", params)
-    return rows
-
-
-def actions_by_budget(rows: Rows) -> list[dict[str, Any]]:
-    """budget_actions rows summed per (budget, action): count and the latest time."""
-    acc: dict[tuple[str, str], dict[str, Any]] = {}
-    for x in rows:
-        a = acc.setdefault((x["budget"], x["action"]), {"budget": x["budget"], "action": x["action"], "count": 0,
-                                                        "last": ""})
-        a["count"] += int(x["n"])
-        a["last"] = max(a["last"], x["last"].isoformat(timespec="seconds"))
-    return sorted(acc.values(), key=lambda a: a["last"], reverse=True)
-
-
-def cap_hits(wh: Warehouse, f: Filter, limit: int = 25) -> Rows:
-    """ui query: runs stopped by a run cap, with the caps that hit (newest first)."""
-    where, params = f.sql()
-    rows = wh.query(
-        "SELECT run_id, max(workflow) AS workflow, max(team) AS team, count(*) AS refused, max(ts_start) AS last, "
-        "string_agg(DISTINCT regexp_extract(actions, '\"cap\":\\s*\"([^\"]+)\"', 1), ', ') AS caps, "
-        "string_agg(DISTINCT regexp_extract(actions, '\"limit\":\\s*\"([^\"]+)\"', 1), ', ') AS limits "
-        f"FROM events WHERE {where} AND error_type = 'run_limit_exceeded' AND run_id IS NOT NULL "
-        "GROUP BY run_id ORDER BY last DESC LIMIT ?", [*params, limit])
-    for x in rows:
-        x["last"] = x["last"].isoformat(timespec="seconds") if x["last"] else ""
-    return rows
 
 
 def outcomes(wh: Warehouse, f: Filter, bucket: str, fixed: dict[str, Baseline],
@@ -207,7 +148,7 @@ def routing(wh: Warehouse, f: Filter) -> dict[str, Any]:
         "mix": mix, "reroutes": rer, "kinds": dict(kinds),
         "mix_chart": {"type": "doughnut", "labels": labels,
                       "datasets": [{"label": "requests", "data": [int(x["requests"]) for x in mix]}]},
-        "runs": r.runs(wh, f, limit=25, order="cost"), "capped": cap_hits(wh, f),
+        "runs": r.runs(wh, f, limit=25, order="cost"), "capped": act.cap_hits(wh, f),
     }
 
 

@@ -9,14 +9,13 @@ from typing import Any
 
 import orjson
 
+from margin.analytics import actions as act
+from margin.analytics.outcomes import baselines
+from margin.ui import admin_pages, data, fmt
 from margin.ui import budgets as bud
-from margin.ui import data, fmt
 from margin.ui.core import Dashboard, Problem, Reply, Request, redirect
-from margin.ui.params import BUCKETS, BY_CHOICES, FILTER_DIMS, PERIODS, View, make_filter, parse_by, parse_view
+from margin.ui.params import View, make_filter, parse_by, parse_view
 from margin.ui.session import LOGIN_COOKIE, Session, cookie, read_cookies, sign_in
-
-NAV = (("overview", "Overview"), ("spend", "Spend"), ("budgets", "Budgets"), ("outcomes", "Outcomes"),
-       ("routing", "Routing & runs"), ("keys", "Keys"))
 
 
 def _next(target: str) -> str:
@@ -89,9 +88,7 @@ def _team(s: Session) -> str | None:
 
 
 def _ctx(d: Dashboard, req: Request, s: Session, page: str, v: View | None = None, **kw: Any) -> dict[str, Any]:
-    return {**d.base(req, s, page), "nav": [(k, t) for k, t in NAV if k != "keys" or s.is_admin], "view": v,
-            "periods": PERIODS, "bucket_choices": BUCKETS, "by_choices": BY_CHOICES, "filter_dims": FILTER_DIMS,
-            "chart_json": lambda c: orjson.dumps(c).decode(), **kw}
+    return d.ctx(req, s, page, v, **kw)
 
 
 async def _alerts(d: Dashboard, s: Session) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -107,7 +104,7 @@ async def _alerts(d: Dashboard, s: Session) -> tuple[list[dict[str, Any]], dict[
 def _overview_data(wh: Any, f: Any, now: datetime, bucket: str) -> dict[str, Any]:
     o = data.overview(wh, f, now, bucket)
     assert f.since is not None
-    o["actions"] = data.actions_by_budget(data.budget_actions(wh, f, f.since))
+    o["actions"] = act.budget_actions(wh, f, f.since)
     return o
 
 
@@ -221,31 +218,10 @@ async def _save_budget(d: Dashboard, form: dict[str, str]) -> tuple[str, str]:
     return ("" if status == 200 else body.get("error", f"HTTP {status}")), payload["id"]
 
 
-def baselines(cfg: Any) -> tuple[dict[str, Any], dict[str, tuple[datetime, datetime, str]]]:
-    """Each workflow's configured baseline (mirrors cli/report.baselines_of, which the UI may not import)."""
-    from margin.analytics.filters import parse_period
-    from margin.analytics.outcomes import Baseline, human_baseline
-
-    fixed: dict[str, Any] = {}
-    periods: dict[str, tuple[datetime, datetime, str]] = {}
-    for w in getattr(cfg, "workflows", []):
-        b = w.baseline
-        if b is None:
-            continue
-        if b.cost_per_outcome_usd is not None:
-            fixed[w.name] = Baseline(b.cost_per_outcome_usd, b.label or "configured")
-        elif b.human_minutes is not None and b.hourly_usd is not None:
-            fixed[w.name] = human_baseline(b.human_minutes, b.hourly_usd, b.label)
-        elif b.period:
-            start, end = parse_period(b.period)
-            periods[w.name] = (start, end, b.label or f"margin in {b.period}")
-    return fixed, periods
-
-
 async def outcomes(d: Dashboard, req: Request, s: Session, form: dict[str, str] | None) -> Reply:
     v = _view(req, s, "30d")
     await d.fresh(req)
-    fixed, periods = baselines(d.host.cfg)
+    fixed, periods = baselines(getattr(d.host.cfg, "workflows", []))
     o = await d.run(req, "queries", data.outcomes, d.wh, make_filter(v, _team(s)), v.bucket, fixed, periods)
     names = {w.name: w.outcome for w in getattr(d.host.cfg, "workflows", [])}
     return d.html(req, "outcomes.html", _ctx(d, req, s, "outcomes", v, o=o, outcome_names=names))
@@ -322,4 +298,5 @@ async def keys(d: Dashboard, req: Request, s: Session, form: dict[str, str] | No
 FORM_PAGES = {"/ui/budgets", "/ui/keys"}
 PAGES = {"/ui/overview": overview, "/ui/api/overview": api_overview, "/ui/api/status": api_status,
          "/ui/spend": spend, "/ui/spend.csv": spend_csv, "/ui/budgets": budgets, "/ui/outcomes": outcomes,
-         "/ui/routing": routing, "/ui/run": run_page, "/ui/keys": keys}
+         "/ui/routing": routing, "/ui/run": run_page, "/ui/keys": keys, "/ui/audit": admin_pages.audit,
+         "/ui/pools": admin_pages.pools}
