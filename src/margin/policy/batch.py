@@ -68,6 +68,8 @@ def next_open(windows: Sequence[Window], tz: str, now: datetime) -> datetime:
 
 def duration_s(text: str) -> int:
     """`24h` -> 86400, `30m` -> 1800; between one minute and seven days."""
+    if not text.strip().endswith(("m", "h")):  # OpenAI's form: hours or minutes only
+        raise ValueError(f"{text!r} is not a duration like 24h or 30m")
     s = budget.duration_s(text)
     if not MIN_WINDOW_S <= s <= MAX_WINDOW_S:
         raise ValueError(f"{text!r} must be between 1m and 168h")
