@@ -61,6 +61,27 @@ def test_counting_correct_wrong_miss() -> None:
     assert at_recall(rows, 0.3) == r093
 
 
+def test_counting_by_duplicate_cluster() -> None:
+    from margin.cache_eval.clusters import cluster_sweep, duplicate_clusters
+
+    pairs = [Pair("lose weight fast?", "how to lose weight quickly?", 1),
+             Pair("best way to lose weight?", "lose weight fast?", 1),  # joins the cluster transitively
+             Pair("Sweden amazon?", "Switzerland amazon?", 0), Pair("cook rice?", "boil rice?", 1)]
+    c = duplicate_clusters(pairs)
+    assert c["how to lose weight quickly?"] == c["best way to lose weight?"] != c["cook rice?"]
+    assert c["Sweden amazon?"] != c["Switzerland amazon?"]
+    entries = ["lose weight fast?", "best way to lose weight?", "Sweden amazon?", "cook rice?"]
+    queries = ["how to lose weight quickly?", "Switzerland amazon?", "boil rice?", "unseen question?"]
+    # served: a cluster-mate (right by the labels, wrong by GPTCache's counting), a labelled
+    # non-duplicate (wrong), the own entry (right), and an unknown text (wrong; not answerable)
+    best = np.array([1, 2, 3, 0], dtype=np.int64)
+    score = np.array([0.9, 0.9, 0.9, 0.9], dtype=np.float32)
+    rows, answerable = cluster_sweep(best, score, queries, entries, c, [0.5, 0.95])
+    assert answerable == 2  # "Switzerland amazon?" and "unseen question?" have no cluster-mate entry
+    assert (rows[0].hits, rows[0].correct_hits, rows[0].wrong_hits, rows[0].recall) == (4, 2, 2, 1.0)
+    assert rows[1].hits == 0 and rows[1].misses == 4
+
+
 def test_threshold_boundary_is_inclusive() -> None:
     rows = sweep(np.array([0]), np.array([0.8], dtype=np.float32), np.array([0]), np.array([1]), [0.8])
     assert rows[0].correct_hits == 1

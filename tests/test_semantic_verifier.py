@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from margin.cache_eval import load_pairs
 from margin.cache_eval.artefact import ArtefactError, load_verifier, read_manifest
-from margin.cache_eval.features import LEXICAL_NAMES, lexical, names
+from margin.cache_eval.features import LEXICAL_NAMES, LISTWISE_NAMES, lexical, names
 from margin.cache_eval.verified import VERIFIER_THRESHOLDS, evaluate_retrieved, held_out, train
 from margin.cache_eval.verifier import pairs_digest, retrieve, split_pairs
 from margin.config import ModelConfig, SemanticCacheConfig, SemanticRouteConfig
@@ -42,7 +42,8 @@ def test_lexical_features_see_the_hard_negatives() -> None:
     assert feat("Why is the sky blue?", "Why is the sky not blue?")["neg_mismatch"] == 1
     same = feat("How do I learn Python?", "how do i learn python")
     assert same["exact_lower"] == 1 and same["caps_mismatch"] == 0 and same["qword_same"] == 1
-    assert len(names(384)) == 4 + len(LEXICAL_NAMES) + 768
+    assert len(names(384)) == len(names(384, 1)) == 4 + len(LEXICAL_NAMES) + 768
+    assert len(names(384, 2)) == 4 + len(LEXICAL_NAMES) + len(LISTWISE_NAMES) + 768
 
 
 def test_split_shares_no_text_with_the_evaluation() -> None:
@@ -168,3 +169,57 @@ def test_cli_train_and_eval_with_the_real_model(tmp_path: Path) -> None:
     assert np.isfinite(out["queries_per_s"])
     bad = runner.invoke(app, ["eval", "--pairs", str(FIXTURE), "--search", "annoy"])
     assert bad.exit_code == 2 and "--search must be one of" in bad.output
+
+
+def test_listwise_features_compare_a_candidate_with_the_others() -> None:
+    from margin.cache_eval.features import candidate_features
+
+    q = ["If you live in Sweden, what Amazon site do you shop at?"]
+    entries_text = ["If you live in Switzerland, what Amazon site do you shop at?",
+                    "If you live in Sweden, which Amazon site do you shop at?", "How do I cook rice?"]
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(3, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e[1] = e[0]  # a twin of candidate 0
+    qv = e[:1].copy()
+    idx = np.array([[0, 1, -1]], dtype=np.int64)  # the third slot is padding
+    sims = np.array([[0.99, 0.98, -1.0]], dtype=np.float32)
+    x = candidate_features(q, qv, idx, sims, entries_text, e, version=2)
+    col = {n: i for i, n in enumerate(names(8, 2))}
+    assert x.shape == (3, len(names(8, 2)))
+    # The candidate that keeps "Sweden" is the lexical best although it is second by cosine.
+    assert x[1, col["trigram_rank"]] == 0 and x[0, col["trigram_rank"]] == 1
+    assert x[1, col["caps_mismatch_vs_min"]] == 0 and x[0, col["caps_mismatch_vs_min"]] > 0
+    assert x[0, col["trigram_jaccard_vs_best"]] < 0 == x[1, col["trigram_jaccard_vs_best"]]
+    assert x[0, col["twin_cosine"]] == pytest.approx(1.0) and x[0, col["near_count"]] == 1
+    assert x[0, col["candidates"]] == 2 and not x[2, col["twin_cosine"]:col["candidates"] + 1].any()
+    v1 = candidate_features(q, qv, idx, sims, entries_text, e, version=1)
+    assert v1.shape == (3, len(names(8, 1)))
+    with pytest.raises(ValueError, match="features version"):
+        candidate_features(q, qv, idx, sims, entries_text, e, version=9)
+
+
+def test_training_caches_of_several_sizes_cover_the_split_once() -> None:
+    from margin.cache_eval.verifier import chunks
+
+    groups = chunks(100, [10, 30], seed=1)
+    assert [len(g) for g in groups] == [10, 30, 10, 30, 10, 10]
+    allidx = np.concatenate(groups)
+    assert sorted(allidx.tolist()) == list(range(100))
+    assert [len(g) for g in chunks(7, [])] == [7]
+
+
+def test_a_version_2_artefact_trains_loads_and_scores(tmp_path: Path) -> None:
+    out = tmp_path / "v2"
+    pairs = load_pairs(FIXTURE)
+    train(pairs, BagOfWords(), out, top_k=3, search="exact", kind="logreg", target_precision=0.6,
+          features_version=2, cache_sizes=[100, 200])
+    v = load_verifier(out)
+    assert v.features_version == 2 and v.manifest["features"] == len(names(DIM, 2))
+    assert v.manifest["training_caches"]["sizes"] == [100, 200]
+    ev = held_out(pairs, v)
+    assert ev is not None
+    r = retrieve(ev[:40], BagOfWords(), 3, "exact")
+    s = v.score(r.query_texts, r.queries, r.idx, r.sims, r.entry_texts, r.entries)
+    assert s.shape == (40, 3) and ((s >= 0) | (r.idx < 0)).all()
+

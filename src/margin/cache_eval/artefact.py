@@ -1,7 +1,7 @@
 """A trained verifier on disk: a directory with ``manifest.json`` and ``verifier.joblib``.
 
 The manifest is read first: ``kind`` must be ``semantic-cache-verifier`` and ``format_version``
-``FORMAT_VERSION`` (and the feature set's version the one this code computes) before the pickle is
+``FORMAT_VERSION`` (and the feature set's version one this code computes) before the pickle is
 touched. It records the embedding model, top_k, the threshold calibrated for the target precision,
 the split and data digest it was trained on, and library versions. Only load artefacts you built:
 the fitted model is a joblib pickle.
@@ -19,7 +19,7 @@ import joblib
 import numpy as np
 import sklearn
 
-from margin.cache_eval.features import FEATURES_VERSION
+from margin.cache_eval.features import FEATURES_VERSION, SUPPORTED_VERSIONS
 from margin.cache_eval.verifier import Verifier
 
 KIND = "semantic-cache-verifier"
@@ -58,9 +58,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtefactError(f"{f}: verifier format_version {manifest.get('format_version')!r} is not supported "
                             f"(expected {FORMAT_VERSION}); retrain with `margin cache train-verifier`")
-    if manifest.get("features_version") != FEATURES_VERSION:
-        raise ArtefactError(f"{f}: verifier features_version {manifest.get('features_version')!r} differs from "
-                            f"this margin's {FEATURES_VERSION}; retrain with `margin cache train-verifier`")
+    if manifest.get("features_version") not in SUPPORTED_VERSIONS:
+        raise ArtefactError(f"{f}: verifier features_version {manifest.get('features_version')!r} is not one this "
+                            f"margin computes {SUPPORTED_VERSIONS}; retrain with `margin cache train-verifier`")
     for key in ("model", "top_k", "dim"):
         if key not in manifest:
             raise ArtefactError(f"{f}: manifest lacks {key!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ import numpy as np
 
 from margin.cache_eval.ann import Exact
 from margin.cache_eval.artefact import save_verifier
+from margin.cache_eval.clusters import cluster_sweep
 from margin.cache_eval.embed import Encoder
-from margin.cache_eval.evaluate import EvalResult, Pair, choose_threshold, sample_pairs, sweep
+from margin.cache_eval.evaluate import EvalResult, Pair, choose_threshold, gptcache_comparison, sample_pairs, sweep
+from margin.cache_eval.features import FEATURES_VERSION
 from margin.cache_eval.verifier import (
     DEFAULT_FRACTIONS,
     Retrieved,
     Verifier,
+    chunks,
     decide,
     describe,
     fit,
@@ -37,8 +41,11 @@ CALIBRATION_Z = 1.645  # one-sided 95%
 
 
 def evaluate_retrieved(r: Retrieved, thresholds: Sequence[float], target_precision: float, model_name: str,
-                       search: str, verifier: Verifier | None = None) -> EvalResult:
-    """Sweep thresholds on the best candidate's score: its cosine, or the verifier's probability."""
+                       search: str, verifier: Verifier | None = None,
+                       clusters: dict[str, int] | None = None) -> EvalResult:
+    """Sweep thresholds on the best candidate's score: its cosine, or the verifier's probability.
+    With `clusters` (clusters.duplicate_clusters of the whole file) the JSON also gets the count by
+    duplicate cluster (`by_duplicate_cluster`), beside GPTCache's."""
     t0 = time.perf_counter()
     if verifier is None:
         best_idx, best_score = r.idx[:, 0], r.sims[:, 0]
@@ -54,6 +61,13 @@ def evaluate_retrieved(r: Retrieved, thresholds: Sequence[float], target_precisi
     if verifier is not None:
         extra["verifier"] = {k: verifier.manifest.get(k) for k in ("path", "estimator", "threshold",
                                                                      "target_precision", "created_at")}
+    if clusters is not None:
+        crow, answerable = cluster_sweep(best_idx, best_score, r.query_texts, r.entry_texts, clusters, thresholds)
+        extra["by_duplicate_cluster"] = {
+            "counting": "a hit is correct if the entry served is in the query's duplicate cluster (label-1 pairs "
+                        "of the whole file, transitively); recall over queries whose cluster has an entry",
+            "answerable": answerable,
+            "gptcache_comparison": gptcache_comparison(crow), "sweep": [asdict(x) for x in crow]}
     return EvalResult(
         sweep=rows, chosen=choose_threshold(rows, target_precision), target_precision=target_precision,
         model=model_name, pairs=n, duplicates=int((r.labels == 1).sum()), entries=len(r.entry_texts),
@@ -73,10 +87,16 @@ def search_recall(r: Retrieved) -> float:
 def train(pairs: Sequence[Pair], encoder: Encoder, out: Path, *, seed: int = 0,
           fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, top_k: int = 5, search: str = "hnswlib",
           kind: str = "hgb", target_precision: float = 0.99, max_train: int = 0, sampled: tuple[int, int] = (0, 0),
+          cache_sizes: Sequence[int] = (), features_version: int = FEATURES_VERSION, calibrate_on: str = "mixed",
           log: Log = lambda _: None) -> tuple[Verifier, dict[str, Any]]:
     """Split, train on the train split's retrieved candidates, calibrate the threshold on the
     calibration split (as its own cache), write the artefact. The evaluation split is not touched.
-    `sampled`: (limit, seed) if `pairs` is a sample of a file, recorded so `held_out` can redo it."""
+    `sampled`: (limit, seed) if `pairs` is a sample of a file, recorded so `held_out` can redo it.
+    `cache_sizes`: train on several caches of these sizes (see `verifier.chunks`) instead of one.
+    `calibrate_on`: "mixed" (all calibration pairs, hard negatives included) or "duplicates" (only
+    its duplicate pairs: GPTCache's setting, every query has its paraphrase cached)."""
+    if calibrate_on not in ("mixed", "duplicates"):
+        raise ValueError(f"calibrate_on must be mixed or duplicates, not {calibrate_on!r}")
     split = split_pairs(pairs, seed, fractions)
     log(f"split: {split.summary()}")
     train_pairs = split.train
@@ -84,27 +104,39 @@ def train(pairs: Sequence[Pair], encoder: Encoder, out: Path, *, seed: int = 0,
         pick = np.sort(np.random.default_rng(seed).choice(len(train_pairs), max_train, replace=False))
         train_pairs = [train_pairs[int(i)] for i in pick]
     t0 = time.perf_counter()
-    tr = retrieve(train_pairs, encoder, top_k, search)
-    x, y = training_rows(tr)
+    xs, ys = [], []
+    groups = chunks(len(train_pairs), cache_sizes, seed)
+    for g in groups:
+        tr = retrieve([train_pairs[int(i)] for i in g], encoder, top_k, search)
+        xg, yg = training_rows(tr, features_version)
+        xs.append(xg)
+        ys.append(yg)
+    x, y = (np.concatenate(xs), np.concatenate(ys)) if len(xs) > 1 else (xs[0], ys[0])
+    del xs, ys
     t1 = time.perf_counter()
-    log(f"training rows: {len(y)} ({int(y.sum())} positive) from {len(train_pairs)} pairs in {t1 - t0:.1f}s")
+    log(f"training rows: {len(y)} ({int(y.sum())} positive) from {len(train_pairs)} pairs in {len(groups)} "
+        f"cache(s), {t1 - t0:.1f}s")
     model = fit(x, y, kind, seed)
     t2 = time.perf_counter()
     log(f"fitted {type(model).__name__} in {t2 - t1:.1f}s")
+    dim = int(tr.entries.shape[1])
     manifest: dict[str, Any] = {
-        "model": encoder.name, "dim": int(tr.entries.shape[1]), "top_k": top_k, "search": search,
-        **describe(model, int(tr.entries.shape[1])), "target_precision": target_precision,
+        "model": encoder.name, "dim": dim, "top_k": top_k, "search": search,
+        **describe(model, dim, features_version), "target_precision": target_precision,
+        "training_caches": {"sizes": list(cache_sizes) or [len(train_pairs)], "count": len(groups)},
         "split": {"seed": seed, "fractions": list(fractions), **split.summary(), "train_used": len(train_pairs)},
         "data": {"pairs": len(pairs), "digest": pairs_digest(pairs), "limit": sampled[0], "sample_seed": sampled[1]},
         "training": {"rows": len(y), "positives": int(y.sum()), "seconds": round(t2 - t1, 1)},
     }
     verifier = Verifier(model, manifest)
-    cal = retrieve(split.calibration, encoder, top_k, search)
+    cal_pairs = split.calibration if calibrate_on == "mixed" else [p for p in split.calibration if p.label == 1]
+    cal = retrieve(cal_pairs, encoder, top_k, search)
     res = evaluate_retrieved(cal, VERIFIER_THRESHOLDS, target_precision, encoder.name, search, verifier)
     # The calibration split is small: the target must hold for the precision's 95% lower bound.
     res.chosen = choose_threshold(res.sweep, target_precision, z=CALIBRATION_Z)
     manifest["threshold"] = res.chosen.threshold if res.chosen else None
     manifest["calibration"] = {"rule": "lowest threshold whose precision's Wilson 95% lower bound >= target",
+                               "on": calibrate_on,
                                "pairs": res.pairs, "duplicates": res.duplicates, "entries": res.entries,
                                "chosen": None if res.chosen is None else {
                                    "threshold": res.chosen.threshold, "precision": res.chosen.precision,

@@ -106,9 +106,25 @@ def retrieve(pairs: Sequence[Pair], encoder: Encoder, k: int, search: str = "hns
                      {"embed_entries": t1 - t0, "embed_queries": t2 - t1, "search": t3 - t2})
 
 
-def training_rows(r: Retrieved) -> tuple[Matrix, npt.NDArray[np.int64]]:
+def chunks(n: int, sizes: Sequence[int], seed: int = 0) -> list[npt.NDArray[np.int64]]:
+    """Random disjoint groups of pair indices with sizes cycling through `sizes` (the last group takes
+    what is left); one group of all when `sizes` is empty. Each group becomes its own training cache,
+    so the verifier sees namespaces as sparse as a small tenant's and as dense as a big one's."""
+    order = np.random.default_rng(seed).permutation(n)
+    if not sizes:
+        return [np.sort(order)]
+    out: list[npt.NDArray[np.int64]] = []
+    start, i = 0, 0
+    while start < n:
+        size = int(sizes[i % len(sizes)])
+        out.append(np.sort(order[start : start + size]))
+        start, i = start + size, i + 1
+    return out
+
+
+def training_rows(r: Retrieved, version: int = FEATURES_VERSION) -> tuple[Matrix, npt.NDArray[np.int64]]:
     """Features of every retrieved (query, candidate) and whether serving it would be a correct hit."""
-    x = candidate_features(r.query_texts, r.queries, r.idx, r.sims, r.entry_texts, r.entries)
+    x = candidate_features(r.query_texts, r.queries, r.idx, r.sims, r.entry_texts, r.entries, version)
     y = ((r.idx == r.own[:, None]) & (r.labels[:, None] == 1)).reshape(-1).astype(np.int64)
     valid = (r.idx >= 0).reshape(-1)
     return x[valid], y[valid]
@@ -150,12 +166,16 @@ class Verifier:
     def top_k(self) -> int:
         return int(self.manifest.get("top_k", 5))
 
+    @property
+    def features_version(self) -> int:
+        return int(self.manifest.get("features_version", 1))
+
     def score(self, q_texts: Sequence[str], qv: Matrix, idx: Ids, sims: Sims, entry_texts: Sequence[str],
               entries: Matrix) -> npt.NDArray[np.float64]:
         n, k = idx.shape
         if n == 0 or len(entries) == 0:
             return np.full((n, k), -1.0)
-        x = candidate_features(q_texts, qv, idx, sims, entry_texts, entries)
+        x = candidate_features(q_texts, qv, idx, sims, entry_texts, entries, self.features_version)
         p = np.asarray(self.model.predict_proba(x)[:, 1], dtype=np.float64).reshape(n, k)
         return np.where(idx >= 0, p, -1.0)
 
@@ -167,5 +187,5 @@ def decide(scores: npt.NDArray[np.float64], idx: Ids) -> tuple[Ids, npt.NDArray[
     return idx[rows, best], scores[rows, best]
 
 
-def describe(model: Any, dim: int) -> dict[str, Any]:
-    return {"estimator": type(model).__name__, "features": len(names(dim)), "features_version": FEATURES_VERSION}
+def describe(model: Any, dim: int, version: int = FEATURES_VERSION) -> dict[str, Any]:
+    return {"estimator": type(model).__name__, "features": len(names(dim, version)), "features_version": version}

@@ -138,6 +138,9 @@ def eval_cmd(
     if k < 1:
         fail("--top-k must be >= 1")
     data = _load(pairs)
+    from margin.cache_eval.clusters import duplicate_clusters
+
+    clusters = duplicate_clusters(data)  # the whole file's labels, for the second count
     held_note = "all pairs"
     if ver is not None and split != "all":
         from margin.cache_eval.verified import held_out
@@ -157,7 +160,7 @@ def eval_cmd(
 
     enc = _encoder(embedder, batch_size, None if no_disk_cache else cache_dir)
     r = retrieve(data, enc, k, search)
-    result = evaluate_retrieved(r, ths, target_precision, enc.name, search, None if cosine else ver)
+    result = evaluate_retrieved(r, ths, target_precision, enc.name, search, None if cosine else ver, clusters)
     result.extra.update({"data": held_note, "retrieval_recall_at_k": round(search_recall(r), 4),
                          # queries_per_s counts cached embeddings as free: measure speed with --no-disk-cache
                          "embedding_cache": None if no_disk_cache else str(cache_dir)})
@@ -184,6 +187,14 @@ def eval_cmd(
         console.print(f"[bold]chosen threshold {c['threshold']:.3f}[/] for precision >= {target_precision}: "
                       f"precision {_fmt(c['precision'])}, recall {_fmt(c['recall'])} "
                       f"({c['correct_hits']} correct, {c['wrong_hits']} wrong, {c['misses']} misses)")
+    for label, comp in (("GPTCache's counting", out["gptcache_comparison"]),
+                        ("by duplicate cluster", out.get("by_duplicate_cluster", {}).get("gptcache_comparison", []))):
+        for g in comp:
+            where = (f"threshold {g['threshold']}: {g['wrong_per_999']} wrong per 999" if g["threshold"] is not None
+                     else "recall not reached")
+            console.print(f"{label}, at GPTCache's recall {g['gptcache_recall']} ({g['gptcache_wrong_per_999']} "
+                          f"wrong): {where}; target <= {g['gptcache_wrong_per_999'] / 2} "
+                          f"{'met' if g['met'] else 'not met'}")
     console.print(f"{result.model}; {out['queries_per_s']} queries/s (embed + search + decide), "
                   f"timings {out['timings_s']}")
     if png is not None:
@@ -200,8 +211,16 @@ def train_verifier_cmd(
     search: str = typer.Option("hnswlib", "--search", help="exact, usearch, hnswlib or faiss"),
     model: str = typer.Option("hgb", "--model", help="hgb (gradient-boosted trees) or logreg"),
     target_precision: float = typer.Option(0.99, "--target-precision", help="Calibrate the threshold for this"),
+    calibrate_on: str = typer.Option("mixed", "--calibrate-on", help="mixed (all calibration pairs, hard negatives "
+                                     "included) or duplicates (only duplicate pairs: GPTCache's setting)"),
     limit: int = typer.Option(0, "--limit", help="Use a sample of N pairs (fixed seed) before splitting; 0 = all"),
     max_train: int = typer.Option(0, "--max-train", help="Train on at most N of the train split's pairs; 0 = all"),
+    cache_sizes: str = typer.Option("0", "--cache-sizes",
+                                    help="Train on several caches of these sizes, cycled (comma list, e.g. "
+                                    "1000,2000,4000,8000,16000), so the verifier sees sparse and dense namespaces; "
+                                    "0 = one cache of the whole train split"),
+    features_version: int = typer.Option(1, "--features-version", help="Feature set: 1, or 2 (adds features "
+                                         "comparing a candidate with the query's other candidates)"),
     embedder: str = EMBEDDER_OPT,
     batch_size: int = typer.Option(64, "--batch-size", help="Embedding batch size"),
     cache_dir: Path = CACHE_DIR_OPT,
@@ -223,8 +242,23 @@ def train_verifier_cmd(
         fail(f"--model must be hgb or logreg, not {model!r}")
     if not 0.0 < target_precision <= 1.0:
         fail("--target-precision must be in (0, 1]")
+    if calibrate_on not in ("mixed", "duplicates"):
+        fail(f"--calibrate-on must be mixed or duplicates, not {calibrate_on!r}")
     if top_k < 1:
         fail("--top-k must be >= 1")
+    try:
+        sizes = [int(x) for x in cache_sizes.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--cache-sizes must be a comma list of integers, not {cache_sizes!r}")
+        raise
+    if sizes == [0]:
+        sizes = []
+    from margin.cache_eval.features import SUPPORTED_VERSIONS
+
+    if features_version not in SUPPORTED_VERSIONS:
+        fail(f"--features-version must be one of {', '.join(map(str, SUPPORTED_VERSIONS))}, not {features_version}")
+    if any(n < 2 for n in sizes):
+        fail(f"--cache-sizes must be integers >= 2 (or 0 for one cache), not {cache_sizes!r}")
     _check_search(search)
     data = sample_pairs(_load(pairs), limit or None, seed)
     enc = _encoder(embedder, batch_size, None if no_disk_cache else cache_dir)
@@ -234,7 +268,8 @@ def train_verifier_cmd(
 
     _, report = train(data, enc, out, seed=seed, fractions=(fr[0], fr[1], fr[2]), top_k=top_k, search=search,
                       kind=model, target_precision=target_precision, max_train=max_train,
-                      sampled=(limit, seed) if limit else (0, 0), log=log)
+                      sampled=(limit, seed) if limit else (0, 0), cache_sizes=sizes,
+                      features_version=features_version, calibrate_on=calibrate_on, log=log)
     if as_json:
         print_json(report)
         return
