@@ -11,28 +11,26 @@ fitted model is a joblib pickle.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import joblib
-import numpy as np
-import sklearn
-
+from margin import artefacts
 from margin.policy.learned import choose_op, reason
 from margin.pricing.tokens import count_text
 from margin.router.train import TfidfLR
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 MODEL_FILE = "router.joblib"
+REQUIRED = ("models", "costs", "operating_point")
 
 
 class ArtefactError(Exception):
     """Missing, malformed or incompatible router artefact."""
+
+
+FORMAT = artefacts.Format("router", MODEL_FILE, FORMAT_VERSION, "margin router train", ArtefactError)
 
 
 @dataclass
@@ -81,54 +79,20 @@ class LoadedRouter:
 
 def save_router(model: TfidfLR, out: Path, *, costs: Mapping[str, float], operating_point: Mapping[str, Any],
                 training: Mapping[str, Any], cost_model: Mapping[str, Mapping[str, float]] | None = None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    return artefacts.save(FORMAT, model, out, {
         "models": list(model.models),
         "costs": {k: float(v) for k, v in costs.items()},
         "cost_model": {k: {kk: float(vv) for kk, vv in v.items()} for k, v in (cost_model or {}).items()},
         "features": model.features(),
         "operating_point": dict(operating_point),
         "training": dict(training),
-        "versions": {"sklearn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__},
-        "model_file": MODEL_FILE,
-    }
-    joblib.dump(model, out / MODEL_FILE, compress=3)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return out
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    f = path / MANIFEST if path.is_dir() else path
-    try:
-        manifest = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise ArtefactError(f"no router artefact at {path} (missing {MANIFEST})") from None
-    except json.JSONDecodeError as e:
-        raise ArtefactError(f"{f}: bad JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise ArtefactError(f"{f}: manifest is not an object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtefactError(f"{f}: router format_version {version!r} is not supported (expected {FORMAT_VERSION});"
-                            " retrain with `margin router train`")
-    for key in ("models", "costs", "operating_point"):
-        if key not in manifest:
-            raise ArtefactError(f"{f}: manifest lacks {key!r}")
-    return manifest
+    })
 
 
 def load_router(path: str | Path) -> LoadedRouter:
-    p = Path(path)
-    manifest = read_manifest(p)
-    d = p if p.is_dir() else p.parent
-    model = joblib.load(d / manifest.get("model_file", MODEL_FILE))
+    manifest, model, d = artefacts.load(FORMAT, path, REQUIRED)
     if not isinstance(model, TfidfLR):
         raise ArtefactError(f"{d}: {MODEL_FILE} holds a {type(model).__name__}, not a router")
     if list(model.models) != list(manifest["models"]):
         raise ArtefactError(f"{d}: manifest models {manifest['models']} != fitted models {model.models}")
-    saved = manifest.get("versions", {}).get("sklearn")
-    if saved and saved != sklearn.__version__:
-        manifest.setdefault("warnings", []).append(f"trained with scikit-learn {saved}, running {sklearn.__version__}")
     return LoadedRouter(manifest, model)

@@ -16,21 +16,18 @@ artefacts you built). ``load_verifier(path).check(question, answer)`` -> (accept
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import numpy.typing as npt
-import sklearn
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from margin import artefacts
 from margin.policy.verify import verdict
 from margin.router.answer_check import FEATURES, features
 from margin.router.train import TfidfLR
@@ -38,13 +35,16 @@ from margin.router.train import TfidfLR
 Array = npt.NDArray[np.float64]
 FORMAT_VERSION = 1
 KIND = "cascade-verifier"
-MANIFEST = "manifest.json"
 MODEL_FILE = "verifier.joblib"
 SEP = " ||| "
 
 
 class VerifierError(Exception):
     """Missing, malformed or incompatible verifier artefact, or data without answers."""
+
+
+FORMAT = artefacts.Format("cascade verifier", MODEL_FILE, FORMAT_VERSION, "margin router cascade-train",
+                          VerifierError, KIND)
 
 
 @dataclass
@@ -158,41 +158,23 @@ class LoadedVerifier:
 
 def save_verifier(model: AnswerVerifier, out: Path, *, operating_point: Mapping[str, Any],
                   costs: Mapping[str, float], training: Mapping[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "format_version": FORMAT_VERSION, "kind": KIND,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    return artefacts.save(FORMAT, model, out, {
         "cheap": model.cheap, "strong": model.strong, "features": model.describe(),
         "operating_point": dict(operating_point), "costs": {k: float(v) for k, v in costs.items()},
         "training": dict(training),
-        "versions": {"sklearn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__},
-        "model_file": MODEL_FILE,
-    }
-    joblib.dump(model, out / MODEL_FILE, compress=3)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return out
+    })
 
 
-def load_verifier(path: str | Path) -> LoadedVerifier:
-    p = Path(path)
-    f = p / MANIFEST if p.is_dir() else p
-    try:
-        manifest = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise VerifierError(f"no verifier artefact at {p} (missing {MANIFEST})") from None
-    except json.JSONDecodeError as e:
-        raise VerifierError(f"{f}: bad JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        raise VerifierError(f"{f}: not a cascade verifier (kind {KIND!r} expected)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise VerifierError(f"{f}: verifier format_version {manifest.get('format_version')!r} is not supported "
-                            f"(expected {FORMAT_VERSION}); retrain with `margin router cascade-train`")
+def _operating_point(manifest: dict[str, Any], f: Path) -> None:
     op = manifest.get("operating_point")
     if not isinstance(op, dict) or not isinstance(op.get("value"), int | float):
         raise VerifierError(f"{f}: manifest has no numeric operating_point.value")
-    model = joblib.load(f.parent / manifest.get("model_file", MODEL_FILE))
+
+
+def load_verifier(path: str | Path) -> LoadedVerifier:
+    manifest, model, d = artefacts.load(FORMAT, path, check=_operating_point)
     if not isinstance(model, AnswerVerifier):
-        raise VerifierError(f"{f.parent}: {MODEL_FILE} holds a {type(model).__name__}, not a verifier")
+        raise VerifierError(f"{d}: {MODEL_FILE} holds a {type(model).__name__}, not a verifier")
     if (model.cheap, model.strong) != (manifest.get("cheap"), manifest.get("strong")):
-        raise VerifierError(f"{f.parent}: manifest models differ from the fitted ones")
+        raise VerifierError(f"{d}: manifest models differ from the fitted ones")
     return LoadedVerifier(manifest, model)
