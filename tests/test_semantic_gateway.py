@@ -76,6 +76,8 @@ def test_paraphrase_served_other_question_not(gw: Gateway) -> None:
     actions = hit["actions"] if isinstance(hit["actions"], list) else orjson.loads(hit["actions"])
     served = next(a for a in actions if a["action"] == "cache_hit")
     assert served["kind"] == "semantic" and served["lookup_ms"] > 0 and served["similarity"] >= 0.9
+    # the request the hit answered, so a trace exported from the ledger replays it at full size
+    assert (served["input_tokens"], served["output_tokens"]) == (miss["input_tokens"], miss["output_tokens"]) != (0, 0)
     other_actions = other_row["actions"] if isinstance(other_row["actions"], list) else orjson.loads(
         other_row["actions"])
     assert any(a["action"] == "semantic_miss" and a["lookup_ms"] > 0 for a in other_actions)

@@ -23,6 +23,25 @@ JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
+async def serve_hit(hit: CachedAnswer, kind: str, call: Call, decision: RouteDecision, ev: Event, out: Out,
+                    prices: PriceBook, headers: Headers, action: dict[str, Any]) -> None:
+    """Answer from a cache (exact or semantic): zero cost, and the cost and tokens it avoided."""
+    saved = Usage(input_tokens=hit.input_tokens, output_tokens=hit.output_tokens,
+                  cached_input_tokens=hit.cached_input_tokens, reasoning_tokens=hit.reasoning_tokens)
+    ev.cache_hit = kind
+    ev.cost = Cost(price_source="cache hit")
+    levers.saved(ev, "cache", prices.cost(decision.model, saved).total_usd, saved.total_tokens)
+    # The tokens the provider would have processed: exports replay a hit as the request it was.
+    ev.actions.append({"action": "cache_hit", **action, "input_tokens": hit.input_tokens,
+                       "output_tokens": hit.output_tokens})
+    if call.stream:
+        await out.start(200, [*SSE_HEADERS, *headers])
+        for c in hit.chunks:
+            await out.chunk(c.encode())
+    else:
+        await out.respond(200, [*JSON_HEADERS, *headers], hit.body.encode())
+
+
 class CacheLever:
     def __init__(self, cache: Cache | None, cfg: CacheConfig | None, prices: PriceBook,
                  telemetry: Telemetry | None = None):
@@ -52,21 +71,9 @@ class CacheLever:
             return False
         if hit is None:
             return False
-        saved = Usage(input_tokens=hit.input_tokens, output_tokens=hit.output_tokens,
-                      cached_input_tokens=hit.cached_input_tokens, reasoning_tokens=hit.reasoning_tokens)
-        ev.cache_hit = "exact"
-        ev.cost = Cost(price_source="cache hit")
-        levers.saved(ev, "cache", self.prices.cost(decision.model, saved).total_usd, saved.total_tokens)
-        # The tokens the provider would have processed: exports replay a hit as the request it was.
-        ev.actions.append({"action": "cache_hit", "lookup_ms": round((time.perf_counter() - t) * 1000, 3),
-                           "input_tokens": hit.input_tokens, "output_tokens": hit.output_tokens})
-        h = [*route_headers, (b"x-margin-cache", b"hit"), (b"x-margin-cost-usd", b"0")]
-        if call.stream:
-            await out.start(200, [*SSE_HEADERS, *h])
-            for c in hit.chunks:
-                await out.chunk(c.encode())
-        else:
-            await out.respond(200, [*JSON_HEADERS, *h], hit.body.encode())
+        await serve_hit(hit, "exact", call, decision, ev, out, self.prices,
+                        [*route_headers, (b"x-margin-cache", b"hit"), (b"x-margin-cost-usd", b"0")],
+                        {"lookup_ms": round((time.perf_counter() - t) * 1000, 3)})
         return True
 
     async def put(self, key: str, decision: RouteDecision, ev: Event, body: str = "",

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from margin.config import Config, SemanticCacheConfig, SemanticRouteConfig
-from margin.domain import Call, Cost, Event, RouteDecision, Usage
-from margin.gateway import levers
+from margin.domain import Call, Event, RouteDecision
+from margin.gateway.caching import Headers, serve_hit
 from margin.gateway.stream import Out
 from margin.policy import cache as cache_policy
 from margin.policy import semantic as policy
@@ -34,9 +34,6 @@ from margin.state.cache import CachedAnswer
 from margin.state.semantic import Entry, SemanticStore
 
 log = logging.getLogger("margin.gateway")
-Headers = list[tuple[bytes, bytes]]
-JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
-SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
 @dataclass(slots=True)
@@ -193,23 +190,11 @@ class SemanticLever:
                                "best_score": round(f.score, 4)})
             return False
         self.stats["hits"] += 1
-        hit = f.entry.answer
-        saved = Usage(input_tokens=hit.input_tokens, output_tokens=hit.output_tokens,
-                      cached_input_tokens=hit.cached_input_tokens, reasoning_tokens=hit.reasoning_tokens)
-        ev.cache_hit = "semantic"
-        ev.cost = Cost(price_source="cache hit")
-        levers.saved(ev, "cache", self.prices.cost(decision.model, saved).total_usd, saved.total_tokens)
-        ev.actions.append({"action": "cache_hit", "kind": "semantic", "lookup_ms": lookup_ms,
-                           "score": round(f.score, 4), "similarity": round(f.similarity, 4),
-                           "verifier": plan.route.verifier is not None})
         h = [*route_headers, (b"x-margin-cache", b"semantic"), (b"x-margin-cache-score", f"{f.score:.4f}".encode()),
              (b"x-margin-cost-usd", b"0")]
-        if call.stream:
-            await out.start(200, [*SSE_HEADERS, *h])
-            for c in hit.chunks:
-                await out.chunk(c.encode())
-        else:
-            await out.respond(200, [*JSON_HEADERS, *h], hit.body.encode())
+        await serve_hit(f.entry.answer, "semantic", call, decision, ev, out, self.prices, h,
+                        {"kind": "semantic", "lookup_ms": lookup_ms, "score": round(f.score, 4),
+                         "similarity": round(f.similarity, 4), "verifier": plan.route.verifier is not None})
         return True
 
     def _store(self, plan: Plan, answer: CachedAnswer) -> None:
