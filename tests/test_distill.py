@@ -18,6 +18,7 @@ import pytest
 
 from margin.analytics.distill import build, to_example
 from margin.gateway.payloads import redact, redact_obj
+from margin.ledger import open_store
 from margin.planner.distill import FineTune, Student, Traffic, plan
 from tests.conftest import PY, Gateway, read_events
 
@@ -136,9 +137,15 @@ def _post(gw: Gateway, key: str, body: dict[str, Any], **headers: str) -> httpx.
 
 
 def _payload_count(url: str) -> int:
-    from margin.cli.replay import _payloads
+    async def count() -> int:
+        store = open_store(url)
+        await store.open()
+        try:
+            return len(await store.fetch_payloads(since=datetime(2000, 1, 1, tzinfo=UTC)))
+        finally:
+            await store.close()
 
-    return len(asyncio.run(_payloads(url, datetime(2000, 1, 1, tzinfo=UTC))))
+    return asyncio.run(count())
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ MODEL_OPT = typer.Option(None, "--model", help="the teacher (default: the model 
 
 
 def _read(url: str, start: datetime, outcomes: bool) -> tuple[list[dict[str, Any]], dict[str, Any], list[Any] | None]:
-    from margin.cli.replay import _payloads  # the one reader of the payloads table, shared with export trace
     from margin.ledger import open_store
 
     async def run() -> tuple[list[dict[str, Any]], dict[str, Any], list[Any] | None]:
@@ -39,9 +38,9 @@ def _read(url: str, start: datetime, outcomes: bool) -> tuple[list[dict[str, Any
         try:
             rows = await store.fetch_events(since=start)
             outs = await store.fetch_outcomes() if outcomes else None
+            return rows, await store.fetch_payloads(since=start), outs
         finally:
             await store.close()
-        return rows, await _payloads(url, start), outs
 
     try:
         return asyncio.run(run())

@@ -4,7 +4,6 @@ serve it, and what a model migration would change. Also `export_trace` (`margin 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,10 +264,7 @@ def export_trace(
         await store.open()
         try:
             rows = await store.fetch_events(since=start)
-            fetch_payloads = getattr(store, "fetch_payloads", None)  # a store method, once the ledger has one
-            payloads = await (fetch_payloads(since=start) if fetch_payloads is not None
-                              else _payloads(cfg.ledger.url, start))
-            return rows, dict(payloads or {})
+            return rows, await store.fetch_payloads(since=start)
         finally:
             await store.close()
 
@@ -292,38 +288,3 @@ def export_trace(
     else:
         print_table([summary], f"trace written to {out}")
 
-
-async def _payloads(url: str, since: Any) -> dict[str, dict[str, Any]]:
-    """Logged prompts and answers (`payloads` table, keys that opted in) by event id; empty when
-    the table does not exist (a ledger from before payload logging)."""
-    import orjson
-
-    out: dict[str, dict[str, Any]] = {}
-    if url.startswith("sqlite:"):
-        import sqlite3
-
-        from margin.ledger.sqlite import sqlite_path
-
-        with contextlib.closing(sqlite3.connect(sqlite_path(url))) as c:
-            try:
-                rows = c.execute("SELECT event_id, request, response FROM payloads WHERE ts >= ?",
-                                 (since.isoformat(),)).fetchall()
-            except sqlite3.OperationalError:  # no such table
-                return out
-        for event_id, req, resp in rows:
-            out[str(event_id)] = {"request": orjson.loads(req or "null"), "response": orjson.loads(resp or "null")}
-        return out
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        try:
-            recs = await conn.fetch("SELECT event_id::text, request::text, response::text FROM payloads "
-                                    "WHERE ts >= $1", since)
-        except asyncpg.UndefinedTableError:
-            return out
-    finally:
-        await conn.close()
-    for r in recs:
-        out[r[0]] = {"request": orjson.loads(r[1] or "null"), "response": orjson.loads(r[2] or "null")}
-    return out

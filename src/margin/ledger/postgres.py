@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 
 from margin.ledger.schema import (
     EVENT_FIELDS,
@@ -175,6 +176,12 @@ class PostgresStore:
                 if r.get(f) is None:
                     r[f] = "{}" if f == "tags" else "[]"
         return out
+
+    async def fetch_payloads(self, since: datetime | None = None) -> dict[str, Row]:
+        rows = await self._fetch("SELECT event_id::text, request::text, response::text FROM payloads "
+                                 "WHERE ($1::timestamptz IS NULL OR ts >= $1)", since)
+        return {r[0]: {"request": orjson.loads(r[1] or "null"), "response": orjson.loads(r[2] or "null")}
+                for r in rows}
 
     async def insert_key(self, row: Row) -> None:
         sql = (f"INSERT INTO keys ({quoted(KEY_FIELDS)}) VALUES "

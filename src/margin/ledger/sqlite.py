@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from margin.ledger.schema import (
     EVENT_FIELDS,
     KEY_FIELDS,
@@ -119,6 +121,13 @@ class SQLiteStore:
 
         rows: list[Row] = await self._call(fetch)
         return rows
+
+    async def fetch_payloads(self, since: datetime | None = None) -> dict[str, Row]:
+        lo = (since or datetime(1970, 1, 1, tzinfo=UTC)).isoformat()
+        rows = await self._call(lambda c: c.execute(
+            "SELECT event_id, request, response FROM payloads WHERE ts >= ?", (lo,)).fetchall())
+        return {str(e): {"request": orjson.loads(req or "null"), "response": orjson.loads(resp or "null")}
+                for e, req, resp in rows}
 
     # -- keys -----------------------------------------------------------------------------------
     async def insert_key(self, row: Row) -> None:

@@ -36,6 +36,9 @@ class Store(Protocol):
         """Rows as JSON-able values (money as str, time as ISO text), oldest first; only one run's
         (`run_id`), or only calls that belong to a run (`runs_only`)."""
 
+    async def fetch_payloads(self, since: datetime | None = None) -> dict[str, Row]:
+        """Logged prompts and answers (keys that opted in) by event id: {"request": ..., "response": ...}."""
+
     async def insert_key(self, row: Row) -> None: ...
 
     async def key_by_hash(self, key_hash: str) -> Row | None: ...
