@@ -20,6 +20,7 @@ from margin.gateway.auth import KeyRing
 from margin.gateway.batch_worker import BatchLane
 from margin.gateway.batches import PREFIXES as BATCH_PREFIXES
 from margin.gateway.batches import handle as handle_batches
+from margin.gateway.body import read_body
 from margin.gateway.budgets import BudgetGuard, recover_spend
 from margin.gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from margin.gateway.health import Breakers
@@ -249,24 +250,6 @@ class MarginApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
-        declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {self.max_body} bytes")
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise ConnectionAbortedError("client went away while sending the body")
-            part = msg.get("body", b"")
-            size += len(part)
-            if size > self.max_body:
-                raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes")
-            parts.append(part)
-            if not msg.get("more_body"):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
@@ -278,7 +261,7 @@ class MarginApp:
                 if method != "POST":
                     raise MethodNotAllowed(f"{path} takes POST, not {method}")
                 try:
-                    body = await self._read_body(headers, receive)
+                    body = await read_body(receive, headers, self.max_body)
                 except PayloadTooLarge as e:
                     # Oversize bodies are refused before parsing, but still metered.
                     await self.pipeline.refuse(endpoint, headers, e, out)
@@ -291,7 +274,7 @@ class MarginApp:
             elif path == "/ui" or path.startswith("/ui/"):  # the dashboard (issue 9); changes go through admin
                 from margin.ui.web import handle as handle_ui
 
-                body = await self._read_body(headers, receive) if method == "POST" else b""
+                body = await read_body(receive, headers, self.max_body) if method == "POST" else b""
                 audit.via_dashboard(scope)  # admin changes made by this request are the dashboard's (audit log)
                 status, hdrs, payload = await handle_ui(self, admin.handle, method, path, scope, headers, body)
             else:
@@ -327,9 +310,9 @@ class MarginApp:
                 raise MethodNotAllowed(f"{path} takes POST, not {method}")
             from margin.gateway import outcomes
 
-            return await outcomes.handle(self, headers, await self._read_body(headers, receive))
+            return await outcomes.handle(self, headers, await read_body(receive, headers, self.max_body))
         if path.startswith("/admin/"):
-            body = await self._read_body(headers, receive) if method in ("POST", "PUT", "PATCH") else b""
+            body = await read_body(receive, headers, self.max_body) if method in ("POST", "PUT", "PATCH") else b""
             return await admin.handle(self, method, path, headers, body, scope)  # scope: client address, query
         raise NotFound(f"Unknown path {path}", code="unknown_url")
 

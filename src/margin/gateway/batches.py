@@ -14,7 +14,8 @@ import orjson
 from margin.gateway.auth import is_admin
 from margin.gateway.batch_files import URLS, batch_object, file_object, new_id, parse_jsonl, parse_multipart
 from margin.gateway.batch_worker import deferred_view, kept_headers
-from margin.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from margin.gateway.body import read_body
+from margin.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from margin.gateway.request import parse_json
 from margin.gateway.stream import Headers
 from margin.ledger.schema import Row
@@ -44,24 +45,6 @@ class LaneUnavailable(GatewayError):
 
 def _json(status: int, obj: Any, extra: Headers | None = None) -> Answer:
     return status, [*JSON, *(extra or [])], orjson.dumps(obj)
-
-
-async def _read(receive: Callable[[], Awaitable[dict[str, Any]]], headers: dict[str, str], limit: int) -> bytes:
-    declared = headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes")
-    parts, size = [], 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ConnectionAbortedError("client went away while sending the body")
-        part = msg.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
-        parts.append(part)
-        if not msg.get("more_body"):
-            return b"".join(parts)
 
 
 def _page(q: dict[str, list[str]]) -> tuple[str | None, int]:
@@ -113,7 +96,7 @@ async def handle(app: MarginApp, method: str, path: str, scope: dict[str, Any], 
         if parts[0] == "files":
             return await _files(ctx, method, parts[1:], query, headers, receive)
         if parts[0] == "batches":
-            body = await _read(receive, headers, app.max_body) if method == "POST" else b""
+            body = await read_body(receive, headers, app.max_body) if method == "POST" else b""
             return await _batches(ctx, method, parts[1:], query, headers, body)
         return await _deferred(ctx, method, parts[1:])
     except StoreUnavailable as e:
@@ -126,7 +109,7 @@ async def _files(ctx: _Ctx, method: str, rest: list[str], query: dict[str, list[
         if method == "POST":
             key = ctx.creator()
             form = parse_multipart(headers.get("content-type"),
-                                   await _read(receive, headers, ctx.lane.cfg.max_file_bytes))
+                                   await read_body(receive, headers, ctx.lane.cfg.max_file_bytes))
             purpose = form["purpose"].data.decode(errors="replace") if "purpose" in form else ""
             if purpose != "batch":
                 raise BadRequest(f"'purpose' must be \"batch\" (margin stores batch input files only), not {purpose!r}",
