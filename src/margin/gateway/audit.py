@@ -33,7 +33,7 @@ import orjson
 from margin.gateway.errors import BadRequest, MethodNotAllowed
 from margin.gateway.payloads import redact_obj
 from margin.gateway.pipeline import JSON_HEADERS, Headers
-from margin.ledger.audit import AuditLog, Query, decoded, ts_text
+from margin.ledger.audit import MAX_SEQ, AuditLog, Query, decoded, ts_text
 
 if TYPE_CHECKING:
     from margin.config import Config
@@ -262,6 +262,13 @@ def _query(scope: dict[str, Any] | None, path: str) -> dict[str, str]:
     return dict(parse_qsl(raw, keep_blank_values=False))
 
 
+def _whole(raw: str, name: str, lo: int, hi: int) -> int:
+    if not (raw.isascii() and raw.isdigit() and lo <= int(raw) <= hi):
+        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, not {raw[:40]!r}", param=name,
+                         code="invalid_value")
+    return int(raw)
+
+
 async def handle(app: MarginApp, method: str, path: str, scope: dict[str, Any] | None) -> tuple[int, Headers, bytes]:
     """`GET /admin/audit[?since=7d&target=..&action=key.*&actor=..&before_seq=N&limit=100]` lists records,
     newest first; `GET /admin/audit/verify` recomputes the chain. In-process callers (the dashboard)
@@ -279,12 +286,10 @@ async def handle(app: MarginApp, method: str, path: str, scope: dict[str, Any] |
         return 200, JSON_HEADERS, orjson.dumps(v.as_dict())
     try:
         since = ts_text(parse_since(q["since"])) if q.get("since") else None
-        limit = int(q.get("limit", "100"))
-        before_seq = int(q["before_seq"]) if q.get("before_seq") else None
     except ValueError as e:
-        raise BadRequest(f"Invalid audit query: {e}", code="invalid_value") from None
-    if not 1 <= limit <= 1000:
-        raise BadRequest("limit must be between 1 and 1000", param="limit", code="invalid_value")
+        raise BadRequest(f"Invalid audit query: {e}", param="since", code="invalid_value") from None
+    limit = _whole(q.get("limit", "100"), "limit", 1, 1000)
+    before_seq = _whole(q["before_seq"], "before_seq", 1, MAX_SEQ) if q.get("before_seq") else None
     rows = await auditor.log.query(Query(since=since, target=q.get("target"), action=q.get("action"),
                                          actor=q.get("actor"), before_seq=before_seq, limit=limit))
     seq, h = await auditor.log.head()

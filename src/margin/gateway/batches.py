@@ -49,7 +49,7 @@ def _json(status: int, obj: Any, extra: Headers | None = None) -> Answer:
 
 def _page(q: dict[str, list[str]]) -> tuple[str | None, int]:
     raw = q.get("limit", ["20"])[0]
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
         raise BadRequest(f"'limit' must be an integer from 1 to 100, not {raw!r}", param="limit", code="invalid_value")
     return q.get("after", [None])[0], int(raw)
 

@@ -14,7 +14,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
     """The whole body, refused as soon as it is known to exceed `limit`: by its declared length
     before reading, else as the parts arrive (a chunked upload need not declare one)."""
     declared = headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes")
     parts: list[bytes] = []
     size = 0

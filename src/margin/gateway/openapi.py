@@ -153,7 +153,7 @@ _RUNS_QUERY = [{"name": "since", "in": "query", "schema": {"type": "string"}},
                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
 _AUDIT_QUERY = [{"name": n, "in": "query", "schema": {"type": "string"}}
                 for n in ("since", "target", "action", "actor")] + [
-    {"name": "before_seq", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {"name": "before_seq", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
 
 

@@ -122,7 +122,7 @@ def _key_limit(key: VirtualKey, name: str) -> int | None:
     raw = dict(key.tags).get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         # Fail closed: a limit the administrator meant to set must not silently become no limit.
         raise Forbidden(f"The key {key.key_id} has an invalid '{name}' tag ({raw!r}); an administrator must fix it",
                         code="key_misconfigured")

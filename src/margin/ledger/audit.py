@@ -33,6 +33,7 @@ HASHED = FIELDS[:-1]
 _LOCK = 0x61756474  # "audt": one appender at a time across PostgreSQL replicas
 _COLS = ", ".join(f'"{f}"' for f in FIELDS)  # before/after are keywords in both dialects: quoted
 
+MAX_SEQ = 2**63 - 1  # record numbers are 64-bit in both stores; a query past that is refused, not sent
 _TABLE = ('CREATE TABLE IF NOT EXISTS audit_log (seq {seq} PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, '
           'action TEXT NOT NULL, target TEXT NOT NULL, "before" TEXT, "after" TEXT, address TEXT, '
           'prev_hash TEXT NOT NULL, hash TEXT NOT NULL)')

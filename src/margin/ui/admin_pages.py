@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import orjson
 
+from margin.ledger.audit import MAX_SEQ
 from margin.ui.core import Dashboard, Problem, Reply, Request
 from margin.ui.session import Session
 
@@ -73,9 +74,9 @@ async def audit(d: Dashboard, req: Request, s: Session, form: dict[str, str] | N
     since, before, limit = req.query.get("since", ""), req.query.get("before_seq", ""), req.query.get("limit", "")
     if since not in AUDIT_SINCE:
         raise Problem(400, f"since {since!r}: choose one of {', '.join(k for k in AUDIT_SINCE if k)} (or none)")
-    if before and not before.isdigit():
+    if before and not (before.isascii() and before.isdigit() and int(before) <= MAX_SEQ):
         raise Problem(400, f"before_seq {before!r} must be a record number")
-    if limit and not (limit.isdigit() and 1 <= int(limit) <= 500):
+    if limit and not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 500):
         raise Problem(400, f"limit {limit!r} must be a number from 1 to 500")
     ask = {**{k: v for k, v in q.items() if v}, **({"since": since} if since else {})}
     status, body = await d.admin.call("GET", "/admin/audit?" + urlencode(

@@ -321,7 +321,7 @@ def budget_body(form: dict[str, str], current: dict[str, Any] | None) -> dict[st
     if not limit:
         raise ValueError("the limit is required")
     if current is not None and current.get("limit_tokens") is not None:
-        if not limit.isdigit():
+        if not (limit.isascii() and limit.isdigit()):
             raise ValueError(f"limit {limit!r}: this budget counts tokens, give a whole number")
         body["limit_tokens"] = int(limit)
     else:
