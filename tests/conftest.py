@@ -257,15 +257,23 @@ def start_gateway(tmp: Path, cfg: dict[str, Any], port: int | None = None) -> Ga
     return Gateway(f"http://127.0.0.1:{port}", path, cfg["ledger"]["url"], cfg["admin_key"], proc, log)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('ledger')}/margin.db"
+BACKENDS = ["sqlite", "postgres"]
+
+
+def fresh_ledger(backend: str, directory: Path, name: str = "margin.db") -> Iterator[str]:
+    """A ledger URL nobody else uses: a new SQLite file, or a new PostgreSQL database dropped after."""
+    if backend == "sqlite":
+        yield f"sqlite:///{directory}/{name}"
         return
     require_postgres()
     url = new_pg_database()
     yield url
     drop_pg_database(url)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ledger_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from fresh_ledger(request.param, tmp_path_factory.mktemp("ledger"))
 
 
 @pytest.fixture(scope="module")

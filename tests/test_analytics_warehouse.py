@@ -26,7 +26,7 @@ from margin.analytics.report import spend
 from margin.analytics.synthetic import event_row, events
 from margin.analytics.warehouse import Warehouse, savings_of
 from margin.ledger import open_store
-from tests.conftest import drop_pg_database, new_pg_database, require_postgres
+from tests.conftest import BACKENDS, fresh_ledger
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
@@ -276,15 +276,9 @@ def test_overview_periods_are_exact_at_any_minute(tmp_path: Path) -> None:
     wh.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/s.db"
-        return
-    require_postgres()
-    u = new_pg_database()
-    yield u
-    drop_pg_database(u)
+    yield from fresh_ledger(request.param, tmp_path, "s.db")
 
 
 async def test_rows_read_again_or_late_are_counted_once(any_url: str) -> None:

@@ -18,13 +18,12 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import (
+    BACKENDS,
     Mock,
-    drop_pg_database,
     free_port,
+    fresh_ledger,
     gateway_config,
-    new_pg_database,
     read_events,
-    require_postgres,
     start_gateway,
     start_mock,
     stop,
@@ -40,15 +39,9 @@ def slow_mock() -> Iterator[Mock]:
     stop(m.proc)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
-    require_postgres()
-    u = new_pg_database()
-    yield u
-    drop_pg_database(u)
+    yield from fresh_ledger(request.param, tmp_path, "ledger.db")
 
 
 def _lane_cfg(tmp: Path, mock: Mock, url: str) -> dict[str, Any]:

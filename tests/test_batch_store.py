@@ -15,18 +15,12 @@ import pytest
 from margin.gateway.batch_files import result_files
 from margin.ledger import open_store
 from margin.ledger.jobs import JobStore
-from tests.conftest import drop_pg_database, new_pg_database, require_postgres
+from tests.conftest import BACKENDS, fresh_ledger
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/jobs.db"
-        return
-    require_postgres()
-    u = new_pg_database()
-    yield u
-    drop_pg_database(u)
+    yield from fresh_ledger(request.param, tmp_path, "jobs.db")
 
 
 def item(i: int, batch_id: str = "batch_1", now: float = 0.0, status: str = "queued") -> dict[str, Any]:

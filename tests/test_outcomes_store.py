@@ -18,20 +18,14 @@ from margin.analytics.warehouse import Warehouse
 from margin.ledger import Store, open_store
 from margin.ledger.postgres import PostgresStore, _to_pg
 from margin.ledger.schema import EVENT_FIELDS, quoted
-from tests.conftest import drop_pg_database, new_pg_database, require_postgres
+from tests.conftest import BACKENDS, drop_pg_database, fresh_ledger, new_pg_database, require_postgres
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/s.db"
-        return
-    require_postgres()
-    u = new_pg_database()
-    yield u
-    drop_pg_database(u)
+    yield from fresh_ledger(request.param, tmp_path, "s.db")
 
 
 @pytest.fixture

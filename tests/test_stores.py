@@ -12,19 +12,13 @@ import pytest
 from margin.ledger import event_to_row, open_store
 from margin.ledger.keys import key_to_row, new_key, row_to_key
 from margin.ledger.schema import MIGRATIONS
-from tests.conftest import drop_pg_database, new_pg_database, require_postgres
+from tests.conftest import BACKENDS, fresh_ledger
 from tests.test_ledger_writer import event
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/s.db"
-        return
-    require_postgres()
-    u = new_pg_database()
-    yield u
-    drop_pg_database(u)
+    yield from fresh_ledger(request.param, tmp_path, "s.db")
 
 
 async def test_writes_are_idempotent_and_money_exact(url: str) -> None:

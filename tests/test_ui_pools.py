@@ -1,73 +1,19 @@
 """The dashboard's Pools page (issue 11: autoscaling advice in the dashboard) against a real gateway
-whose self-hosted pool has three stub vLLM replicas: small real HTTP servers (their own processes)
-serving vLLM's Prometheus names with the load the test sets, and chat answers."""
+whose self-hosted pool has three stub vLLM replicas (tests/test_selfhosted_vllm.py's stub: small real
+HTTP servers in their own processes serving vLLM's Prometheus names with the load the test sets)."""
 
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import PY, Gateway, free_port, gateway_config, start_gateway, stop, wait_http
+from tests.conftest import Gateway, gateway_config, start_gateway, stop
+from tests.test_selfhosted_vllm import Stub as Replica  # a vLLM replica: its Prometheus names and chat answers
 from tests.test_ui_access import ADMIN, sign_in_http
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _replica_main(port: int, name: str) -> None:  # pragma: no cover - runs in the replica's own process
-    from aiohttp import web
-
-    state: dict[str, Any] = {"waiting": 0.0, "running": 0.0, "kv": 0.0, "generated": 0}
-
-    async def metrics(_: web.Request) -> web.Response:
-        lines = []
-        for metric, kind, value in (("vllm:num_requests_waiting", "gauge", state["waiting"]),
-                                    ("vllm:num_requests_running", "gauge", state["running"]),
-                                    ("vllm:gpu_cache_usage_perc", "gauge", state["kv"]),
-                                    ("vllm:generation_tokens_total", "counter", state["generated"])):
-            base = metric.removesuffix("_total")
-            lines += [f"# TYPE {base} {kind}", f'{metric}{{model_name="m"}} {value}']
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-    async def load(req: web.Request) -> web.Response:
-        state.update(await req.json())
-        return web.json_response(state)
-
-    async def chat(req: web.Request) -> web.Response:
-        body = await req.json()
-        state["generated"] += 3
-        return web.json_response({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                                  "choices": [{"index": 0, "finish_reason": "stop",
-                                               "message": {"role": "assistant", "content": f"from {name}"}}],
-                                  "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}})
-
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/health", health)
-    app.router.add_post("/load", load)
-    app.router.add_post("/v1/chat/completions", chat)
-    web.run_app(app, host="127.0.0.1", port=port, print=None)
-
-
-class Replica:
-    def __init__(self, name: str):
-        self.name, self.port = name, free_port()
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                f"from tests.test_ui_pools import _replica_main; _replica_main({self.port}, {name!r})")
-        self.proc = subprocess.Popen([PY, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(f"http://127.0.0.1:{self.port}/health", proc=self.proc)
-
-    def set(self, **load: float) -> None:
-        httpx.post(f"http://127.0.0.1:{self.port}/load", json=load).raise_for_status()
 
 
 @pytest.fixture(scope="module")
