@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ def config_or_exit(path: Path) -> Config:
     try:
         return load_config(path)
     except ConfigError as e:
+        fail(str(e))
+        raise AssertionError from e  # unreachable: fail() exits
+
+
+def since_or_exit(text: str) -> datetime:
+    """--since (30m, 24h, 7d, 2w or an ISO date) as a time, or exit with the parser's message."""
+    from margin.analytics.filters import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as e:
         fail(str(e))
         raise AssertionError from e  # unreachable: fail() exits
 

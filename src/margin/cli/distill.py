@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
+from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table, since_or_exit
 
 app = typer.Typer(help="Distillation: a fine-tuning dataset from a workflow's recorded traffic, and the economics "
                        "of a student model against the teacher.", no_args_is_help=True)
@@ -46,16 +46,6 @@ def _read(url: str, start: datetime, outcomes: bool) -> tuple[list[dict[str, Any
         return asyncio.run(run())
     except Exception as e:
         fail(f"cannot read the ledger at {url}: {type(e).__name__}: {e}", 1)
-        raise
-
-
-def _since(text: str) -> datetime:
-    from margin.analytics.filters import parse_since
-
-    try:
-        return parse_since(text)
-    except ValueError as e:
-        fail(str(e))
         raise
 
 
@@ -87,7 +77,7 @@ def export(
     from margin.gateway.payloads import redact_obj
 
     cfg = config_or_exit(config)
-    start = _since(since)
+    start = since_or_exit(since)
     rows, payloads, outcomes = _read(cfg.ledger.url, start, successful_runs)
     _check_workflow(rows, workflow, start, cfg.ledger.url)
     ds = build(rows, payloads, workflow, redact_obj, model, outcomes)
@@ -182,7 +172,7 @@ def plan(
     from margin.planner.distill import plan as make_plan
 
     cfg = config_or_exit(config)
-    start = _since(since)
+    start = since_or_exit(since)
     prices = {name: _dollars(name, text) for name, text in (("--usd-per-gpu-hour", usd_per_gpu_hour),
                                                              ("--fine-tune-usd", fine_tune_usd))}
     rows, payloads, _ = _read(cfg.ledger.url, start, False)

@@ -19,7 +19,7 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
-from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table
+from margin.cli.common import CONFIG_OPT, config_or_exit, console, fail, print_json, print_table, since_or_exit
 
 
 class _DefaultToRun(TyperGroup):
@@ -247,15 +247,10 @@ def from_ledger(
     """Build a scenario from metered traffic (the ledger), to edit and then `margin plan` it."""
     from datetime import UTC, datetime
 
-    from margin.analytics.report import parse_since
     from margin.ledger import open_store
 
     cfg = config_or_exit(config)
-    try:
-        start = parse_since(since)
-    except ValueError as e:
-        fail(str(e))
-        raise
+    start = since_or_exit(since)
 
     async def fetch() -> list[dict[str, Any]]:
         store = open_store(cfg.ledger.url)

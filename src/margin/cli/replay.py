@@ -12,7 +12,16 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from margin.cli.common import CONFIG_OPT, config_or_exit, console, err_console, fail, print_json, print_table
+from margin.cli.common import (
+    CONFIG_OPT,
+    config_or_exit,
+    console,
+    err_console,
+    fail,
+    print_json,
+    print_table,
+    since_or_exit,
+)
 
 TRACE_ARG = typer.Argument(..., help="Azure 2023 CSV, Mooncake JSONL, or margin trace JSONL (margin export trace)")
 
@@ -248,16 +257,11 @@ def export_trace(
     json_out: bool = typer.Option(False, "--json", help="machine-readable summary"),
 ) -> None:
     """Write the ledger's requests since a time as a margin trace (JSONL) for `margin replay`."""
-    from margin.analytics.filters import parse_since
     from margin.ledger import open_store
     from margin.replay.export import keep, trace_lines
 
     cfg = config_or_exit(config)
-    try:
-        start = parse_since(since)
-    except ValueError as e:
-        fail(str(e))
-        raise
+    start = since_or_exit(since)
 
     async def fetch() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         store = open_store(cfg.ledger.url)
