@@ -308,6 +308,19 @@ _APPENDER = textwrap.dedent("""
 """)
 
 
+def _verified_records(url: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The chain's verification and every record, read back through a fresh AuditLog."""
+    async def read() -> tuple[Any, list[dict[str, Any]]]:
+        log = AuditLog(url)
+        await log.open()
+        try:
+            return await log.verify(), [r async for r in log.scan()]
+        finally:
+            await log.close()
+
+    return asyncio.run(read())
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_concurrent_replicas_append_one_chain(backend: str, tmp_path: Path) -> None:
     if backend == "postgres":
@@ -325,15 +338,7 @@ def test_concurrent_replicas_append_one_chain(backend: str, tmp_path: Path) -> N
         procs = [subprocess.Popen([PY, "-c", _APPENDER, url, f"replica-{i}", "40"]) for i in range(3)]
         assert [p.wait(120) for p in procs] == [0, 0, 0]
 
-        async def check() -> tuple[Any, list[dict[str, Any]]]:
-            log = AuditLog(url)
-            await log.open()
-            try:
-                return await log.verify(), [r async for r in log.scan()]
-            finally:
-                await log.close()
-
-        v, recs = asyncio.run(check())
+        v, recs = _verified_records(url)
     finally:
         if backend == "postgres":
             drop_pg_database(url)
@@ -351,14 +356,6 @@ def test_cli_changes_can_be_audited_too(tmp_path: Path) -> None:
     asyncio.run(record_cli(url, "key.create", "key_cli", None, {"team": "ops", "api_key": "sk-" + "s" * 30}))
     asyncio.run(record_cli(url, "key.revoke", "key_cli", {"active": True}, {"active": True}))  # no change
 
-    async def read() -> tuple[Any, list[dict[str, Any]]]:
-        log = AuditLog(url)
-        await log.open()
-        try:
-            return await log.verify(), [r async for r in log.scan()]
-        finally:
-            await log.close()
-
-    v, recs = asyncio.run(read())
+    v, recs = _verified_records(url)
     assert v.ok and len(recs) == 1 and recs[0]["actor"].endswith("(margin CLI)")
     assert orjson.loads(recs[0]["after"]) == {"team": "ops", "api_key": "[REDACTED]"}
