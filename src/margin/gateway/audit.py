@@ -16,7 +16,6 @@ by default it trusts X-Forwarded-For from 127.0.0.1 only)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import hashlib
 import logging
@@ -34,6 +33,7 @@ from margin.gateway.errors import BadRequest, MethodNotAllowed
 from margin.gateway.payloads import redact_obj
 from margin.gateway.pipeline import JSON_HEADERS, Headers
 from margin.ledger.audit import MAX_SEQ, AuditLog, Query, decoded, ts_text
+from margin.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from margin.config import Config
@@ -180,10 +180,7 @@ class Auditor:
                 delay_s = min(30.0, delay_s * 2)
 
     async def close(self) -> None:
-        if self._config_task is not None:
-            self._config_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._config_task
+        await cancel_and_wait(self._config_task)
         await self.log.close()
 
     async def record_config(self, cfg: Config) -> dict[str, Any]:

@@ -9,7 +9,6 @@ the stabilised one (it falls only after `scale_down_after_s`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from margin.gateway.errors import Forbidden, MethodNotAllowed, Unauthorized
 from margin.planner.autoscale import Advice, AutoscaleSpec, PoolSignals, make_spec, recommend, stabilise
 from margin.planner.perf import CatalogError, PlannerError
 from margin.providers.pool import PoolProvider
+from margin.tasks import cancel_and_wait
 from margin.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -110,11 +110,8 @@ class Pools:
             self._task = asyncio.create_task(self._loop(), name="pool-advice")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:

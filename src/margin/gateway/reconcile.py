@@ -40,6 +40,7 @@ from margin.domain.budget import Hold
 from margin.gateway.budgets import BudgetGuard, recover_spend
 from margin.state.base import StateUnavailable
 from margin.state.redis import RedisState
+from margin.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from margin.gateway.app import MarginApp
@@ -135,11 +136,8 @@ class Reconciler:
                 "last_error": self.last_error}
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 async def start_reconciler(app: MarginApp) -> Reconciler | None:

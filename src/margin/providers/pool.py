@@ -27,6 +27,7 @@ from margin.policy.balance import Choice, ReplicaLoad, ReplicaStatus, affinity_k
 from margin.providers.base import Chunk, Reply, UpstreamConnectionError
 from margin.providers.openai_http import OpenAIHTTPProvider
 from margin.providers.scrape import Scrape, metrics_url, root_url, scrape
+from margin.tasks import cancel_and_wait
 
 log = logging.getLogger("margin.pool")
 WINDOW_MAX = 20_000  # completed requests remembered per pool for the advice (bounded memory)
@@ -136,11 +137,8 @@ class PoolProvider:
         self._scraper = asyncio.create_task(self._scrape_loop(), name=f"pool-scrape-{self.name}")
 
     async def close(self) -> None:
-        if self._scraper is not None:
-            self._scraper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scraper
-            self._scraper = None
+        await cancel_and_wait(self._scraper)
+        self._scraper = None
         if self._session is not None:
             await self._session.close()
             self._session = None
