@@ -82,6 +82,23 @@ def test_counting_by_duplicate_cluster() -> None:
     assert rows[1].hits == 0 and rows[1].misses == 4
 
 
+def test_one_pair_per_duplicate_cluster() -> None:
+    from margin.cache_eval.clusters import duplicate_clusters, one_per_cluster
+
+    pairs = [Pair("lose weight fast?", "how to lose weight quickly?", 1),
+             Pair("best way to lose weight?", "lose weight fast?", 1),
+             Pair("drop pounds?", "best way to lose weight?", 1),
+             Pair("Sweden amazon?", "Switzerland amazon?", 0), Pair("cook rice?", "boil rice?", 1)]
+    c = duplicate_clusters(pairs)
+    for seed in range(20):
+        kept = one_per_cluster(pairs, c, seed)
+        # one of the three weight pairs, the rice pair; never the non-duplicate; original order kept
+        assert len(kept) == 2 and kept[-1] == pairs[4] and kept[0] in pairs[:3]
+        texts = [t for p in kept for t in (p.text_a, p.text_b)]
+        assert len({c[t] for t in texts}) == 2  # no cluster is cached or queried twice
+    assert {one_per_cluster(pairs, c, s)[0] for s in range(20)} == set(pairs[:3])  # the seed picks which
+
+
 def test_threshold_boundary_is_inclusive() -> None:
     rows = sweep(np.array([0]), np.array([0.8], dtype=np.float32), np.array([0]), np.array([1]), [0.8])
     assert rows[0].correct_hits == 1

@@ -38,6 +38,25 @@ def duplicate_clusters(pairs: Sequence[Pair]) -> dict[str, int]:
     return {t: ids.setdefault(find(t), len(ids)) for t in parent}
 
 
+def one_per_cluster(pairs: Sequence[Pair], clusters: dict[str, int], seed: int = 0) -> list[Pair]:
+    """At most one pair per duplicate cluster (drawn with a fixed seed; original order kept).
+
+    GPTCache's benchmark caches 999 distinct questions, each queried by its one paraphrase. On QQP a
+    random sample instead caches several equivalent questions of one cluster, and GPTCache's counting
+    then scores serving a labelled equivalent as wrong. One pair per cluster is the QQP sample
+    closest to GPTCache's setting: every query has exactly one labelled paraphrase in the cache.
+    """
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    kept: dict[int, int] = {}
+    for i in order:
+        p = pairs[int(i)]
+        ca, cb = clusters.get(p.text_a, -1), clusters.get(p.text_b, -2)
+        if ca != cb or ca in kept:  # not a labelled duplicate, or its cluster is taken
+            continue
+        kept[ca] = int(i)
+    return [pairs[i] for i in sorted(kept.values())]
+
+
 def cluster_sweep(best_idx: npt.NDArray[np.int64], best_score: npt.NDArray[np.float32], query_texts: Sequence[str],
                   entry_texts: Sequence[str], clusters: dict[str, int],
                   thresholds: Sequence[float]) -> tuple[list[SweepRow], int]:

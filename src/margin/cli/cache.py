@@ -93,6 +93,9 @@ def eval_cmd(
                                           "(default 0.5:0.99:0.01 for cosine; 0.05-0.995 for a verifier)"),
     duplicates_only: bool = typer.Option(False, "--duplicates-only", help="Keep only label-1 pairs "
                                          "(GPTCache's setting: every pair a paraphrase)"),
+    per_cluster: bool = typer.Option(False, "--one-per-cluster", help="With --duplicates-only: at most one pair "
+                                     "per duplicate cluster, so each query has exactly one labelled paraphrase "
+                                     "cached (the QQP sample closest to GPTCache's 999 distinct questions)"),
     verifier: Path | None = typer.Option(None, "--verifier", help="Verifier artefact (margin cache train-verifier): "
                                          "serve the best of the top-k by its score instead of the nearest by cosine"),
     top_k: int | None = typer.Option(None, "--top-k", help="Candidates retrieved per query (default: the "
@@ -150,8 +153,15 @@ def eval_cmd(
             fail(f"--split eval: {pairs} is not the data {verifier} was trained on")
         if ev is not None:
             data, held_note = ev, "held-out evaluation split"
+    if per_cluster and not duplicates_only:
+        fail("--one-per-cluster needs --duplicates-only")
     if duplicates_only:
         data = [p for p in data if p.label == 1]
+    if per_cluster:
+        from margin.cache_eval.clusters import one_per_cluster
+
+        data = one_per_cluster(data, clusters, seed)
+        held_note += ", one pair per duplicate cluster"
     data = sample_pairs(data, limit or None, seed)
     if not data:
         fail("no pairs to evaluate")
