@@ -207,6 +207,10 @@ def test_a_budget_defer_becomes_a_job_that_waits_for_the_next_period(lane: Gatew
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["reason"] == "budget" and job["not_before"] > time.time() + 60  # the budget's next period
+    # The ledger says what the client was told: 202, the budget's defer action and where the request went.
+    deferred = sorted(lane.events(k["key_id"], expect=2), key=lambda e: e["ts_start"])[1]
+    assert (deferred["status"], deferred["error_type"]) == (202, None)
+    assert json.loads(deferred["actions"]) == [{"action": "defer", "budget": "frugal", "job_id": job["id"]}]
     time.sleep(0.5)
     p = httpx.get(lane.url + job["poll_url"], headers=h)
     assert p.status_code == 202 and p.json()["status"] == "queued"

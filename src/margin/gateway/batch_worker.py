@@ -326,9 +326,14 @@ class BatchLane:
         except StoreUnavailable as e:
             log.warning("batch lane: cannot queue a deferred request (%s); answering as usual", e)
             return False
-        if refusal is None:  # a budget deferral was already recorded by its attempt
-            ev.status = 202
+        ev.status, ev.error_type = 202, ""
+        if refusal is None:
             ev.actions.append({"action": "defer", "reason": reason, "job_id": job_id})
+        else:  # the budget's own "defer" action is on the event already: say where the request went
+            for a in reversed(ev.actions):
+                if a.get("action") == "defer":
+                    a["job_id"] = job_id
+                    break
         view = deferred_view(row)
         await out.respond(202, [*JSON, (b"location", view["poll_url"].encode()),
                                 (b"retry-after", str(max(1, int(not_before - now))).encode())], orjson.dumps(view))

@@ -158,12 +158,17 @@ class Pipeline:
         finally:
             if not handed_off:
                 self._record(ev, t0)
-        if failure is not None and not out.started and not out.disconnected:
-            # Batch lane (issue 5): a budget's "defer" queues the request (202 + job id) instead of a 429.
-            if (failure.code == "budget_deferred" and self.lane is not None and event_id is None
-                    and await self.lane.maybe_defer(endpoint, headers, body, key, call, ev, out, failure)):
-                return
-            await out.respond(failure.status, [*JSON_HEADERS, *_h(failure.headers)], failure.body())
+        held: tuple[Event, float] | None = getattr(failure, "held_event", None)
+        try:
+            if failure is not None and not out.started and not out.disconnected:
+                # Batch lane (issue 5): a budget's "defer" queues the request (202 + job id) instead of a 429.
+                if (held is not None and self.lane is not None and event_id is None
+                        and await self.lane.maybe_defer(endpoint, headers, body, key, call, held[0], out, failure)):
+                    return
+                await out.respond(failure.status, [*JSON_HEADERS, *_h(failure.headers)], failure.body())
+        finally:
+            if held is not None:  # recorded once its answer is known: 202 if the lane took it, else the 429
+                self._record(*held)
 
     async def _attempts(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                         headers: dict[str, str], body: bytes, first: Event, t0: float, out: Out) -> None:
@@ -228,6 +233,7 @@ class Pipeline:
                        verify: route.Group | None = None) -> None:
         admission: Admission | None = None
         upstream_s: float | None = None
+        held = False
         ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
         try:
             message = agents.message_hash(call.endpoint, payload) if call.run_id and self.guard.run_caps else ""
@@ -266,6 +272,8 @@ class Pipeline:
             ev.status, ev.error_type = e.status, e.code or e.type
             if isinstance(e, UpstreamFailed) and e.provider_fault:
                 self.breakers.failure(decision.provider)
+            if e.code == "budget_deferred":  # handle() records it once it knows whether the lane took it
+                e.held_event, held = (ev, t0), True  # type: ignore[attr-defined]
             raise
         except asyncio.CancelledError:
             if ev.status == 200:
@@ -275,7 +283,8 @@ class Pipeline:
             ev.status, ev.error_type = 500, "internal_error"
             raise
         finally:
-            self._record(ev, t0, upstream_s)
+            if not held:
+                self._record(ev, t0, upstream_s)
             if admission is not None:
                 await self.guard.settle(admission, ev)
 
