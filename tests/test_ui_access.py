@@ -22,7 +22,7 @@ from margin.domain import VirtualKey
 from margin.ui import budgets as bud
 from margin.ui import data, fmt
 from margin.ui.params import buckets, parse_view
-from margin.ui.session import Session, Signer, sign_in
+from margin.ui.session import Session, Signer, SignInThrottle, sign_in
 from tests.conftest import Gateway
 
 ADMIN = "test-admin-key"
@@ -258,6 +258,37 @@ def test_http_sign_in_cookies_and_redirects(gateway: Gateway) -> None:
     c3 = _client(gateway)
     c3.cookies.set("margin_ui", token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB"), path="/ui")
     assert c3.get("/ui/overview").status_code == 303
+
+
+def test_sign_in_throttle_per_address() -> None:
+    t = SignInThrottle(limit=3, window_s=60, max_clients=2)
+    for i in range(3):
+        assert t.retry_after("a", 100 + i) is None
+        t.failed("a", 100 + i)
+    assert t.retry_after("a", 103) == pytest.approx(57)  # until the first failure leaves the window
+    assert t.retry_after("b", 103) is None  # another address is not held back
+    assert t.retry_after("a", 160.5) is None  # the first failure left the window: one more try
+    t.failed("a", 160.6)
+    assert t.retry_after("a", 160.7) == pytest.approx(0.3)  # held again, until the next one leaves
+    t.succeeded("a")
+    assert t.retry_after("a", 160.7) is None
+    for who in ("x", "y", "z"):  # bounded memory: the least recently failing address is dropped
+        t.failed(who, 200)
+    assert set(t._fails) == {"y", "z"}
+
+
+def test_http_sign_in_is_throttled_after_repeated_failures(gateway: Gateway) -> None:
+    # From its own loopback address, so the other tests' sign-ins (from 127.0.0.1) are not held back.
+    c = httpx.Client(base_url=gateway.url, follow_redirects=False, timeout=30,
+                     transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    for _ in range(10):
+        page = c.get("/ui/login")
+        assert c.post("/ui/login", data={"key": "mk-guess", "csrf": _csrf(page.text)}).status_code == 401
+    page = c.get("/ui/login")
+    r = c.post("/ui/login", data={"key": ADMIN, "csrf": _csrf(page.text)})  # even the right key waits now
+    assert r.status_code == 429 and "Too many failed sign-ins" in r.text
+    _, ok = sign_in_http(gateway, ADMIN)  # another address signs in as usual
+    assert ok.status_code == 303
 
 
 def test_http_forms_need_csrf_and_same_origin(gateway: Gateway) -> None:

@@ -23,7 +23,16 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from margin.analytics.warehouse import Warehouse
 from margin.ui import fmt
 from margin.ui.params import BUCKETS, BY_CHOICES, FILTER_DIMS, PERIODS
-from margin.ui.session import COOKIE, LOGIN_COOKIE, Session, Signer, cookie, is_viewer_key, read_cookies
+from margin.ui.session import (
+    COOKIE,
+    LOGIN_COOKIE,
+    Session,
+    Signer,
+    SignInThrottle,
+    cookie,
+    is_viewer_key,
+    read_cookies,
+)
 
 log = logging.getLogger("margin.ui")
 Headers = list[tuple[bytes, bytes]]
@@ -71,6 +80,7 @@ class Request:
     body: bytes
     secure: bool
     timings: dict[str, float]
+    client: str = ""  # the peer's address (the socket's, not X-Forwarded-For, which a client can write)
 
     def form(self) -> dict[str, str]:
         if not self.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
@@ -121,6 +131,7 @@ class Dashboard:
         self.synced_once = False
         self.sync_error = ""
         self._revoked: dict[str, int] = {}  # nonces of sessions signed out here (until they expire)
+        self.throttle = SignInThrottle()
         from margin.ui.budgets import Forecasts
 
         self.forecasts = Forecasts()

@@ -37,11 +37,16 @@ async def login(d: Dashboard, req: Request) -> Reply:
     bound = d.signer.login_nonce(read_cookies(req.headers.get("cookie")).get(LOGIN_COOKIE), now)
     if bound is None or not d.signer.csrf_ok("login:" + bound, form.get("csrf")):
         raise Problem(403, "The sign-in form expired or was not sent from this page: reload it and try again")
+    wait = d.throttle.retry_after(req.client, now)
+    if wait is not None:
+        raise Problem(429, f"Too many failed sign-ins from your address: try again in {max(1, round(wait))} s")
     result = await sign_in(form.get("key", ""), d.host.cfg.admin_key, d.host.keys.lookup, d.signer, now)
     if isinstance(result, str):
+        d.throttle.failed(req.client, now)
         ctx = {**d.base(req, None, "login"), "csrf": form.get("csrf", ""), "next": form.get("next", ""),
                "failure": result}
         return d.html(req, "login.html", ctx, status=401)
+    d.throttle.succeeded(req.client)
     return redirect(_next(form.get("next", "")), d.set_session(result, req.secure))
 
 

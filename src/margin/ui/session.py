@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -151,6 +152,39 @@ async def sign_in(secret: str, admin_key: str | None, lookup: Lookup, signer: Si
         return ("That key is a model-call key, not a viewer key: sign in with the admin key, or a key with a team "
                 "and the tag role=viewer.")
     return Session("viewer", nonce, expires, team=key.team, key_id=key.key_id)
+
+
+class SignInThrottle:
+    """Failed sign-ins per client address: after `limit` failures within `window_s`, that address
+    waits until the oldest one leaves the window. A weak admin key in margin.yaml cannot then be
+    guessed at network speed. Per replica and in memory (a restart forgets; bounded to `max_clients`
+    addresses, the least recently failing dropped first)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 300.0, max_clients: int = 10_000):
+        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
+        self._fails: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str, now: float) -> float | None:
+        """Seconds this client must wait before trying again, or None if it may try now."""
+        q = self._fails.get(client)
+        if q is None:
+            return None
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        if not q:
+            del self._fails[client]
+            return None
+        return q[0] + self.window_s - now if len(q) >= self.limit else None
+
+    def failed(self, client: str, now: float) -> None:
+        q = self._fails.pop(client, None) or deque(maxlen=self.limit)
+        q.append(now)
+        self._fails[client] = q  # most recent last
+        while len(self._fails) > self.max_clients:
+            self._fails.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._fails.pop(client, None)
 
 
 def cookie(name: str, value: str, max_age: int, secure: bool) -> bytes:

@@ -35,7 +35,8 @@ async def handle(host: Host, admin_api: AdminApi, method: str, path: str, scope:
     t0 = time.perf_counter()
     query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
     secure = scope.get("scheme") == "https" or headers.get("x-forwarded-proto") == "https"
-    req = Request(method, path, query, headers, body, secure, {})
+    client = scope.get("client") or ("", 0)
+    req = Request(method, path, query, headers, body, secure, {}, str(client[0]))
     d = dashboard(host, admin_api)
     s: Session | None = None
     try:
