@@ -73,6 +73,51 @@ def test_stop_messages_name_the_cap() -> None:
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
 
 
+def test_recovered_counters_from_the_ledger() -> None:
+    caps = [RunCap("c", scope=(("workflow", "triage"),), max_calls=5, max_usd=Decimal("0.50"), max_tool_calls=9,
+                   ttl_s=3600), RunCap("w", scope=(("workflow", "triage"),), max_wall_s=60)]
+    now = NOW.timestamp()
+    triage = {"workflow": "triage"}
+    calls = [agents.RunCall("r1", triage, now - 100, Decimal("0.10"), 2),
+             agents.RunCall("r1", triage, now - 50, Decimal("0.000000001"), 0),
+             agents.RunCall("r1", triage, now - 4000, Decimal("9"), 9),  # older than the cap's ttl: its run is over
+             agents.RunCall("r2", {"workflow": "other"}, now - 10, Decimal("1"), 1)]  # no cap covers it
+    got = {h.key: (units, h.limit, h.unit, h.expires_at) for h, units in agents.recovered(caps, calls, now)}
+    assert got == {
+        "run:c:usd:r1": (100_000_001, 500_000_000, "usd", now - 50 + 3600 + 86400),
+        "run:c:calls:r1": (2, 5, "calls", now - 50 + 3600),
+        "run:c:tools:r1": (2, 9, "calls", now - 50 + 3600),
+    }  # the wall-time cap counts nothing the ledger could restore
+
+
+def test_a_restart_does_not_give_a_run_its_caps_anew(mock_upstream: Mock, tmp_path: Path) -> None:
+    """In-memory counters start empty; the gateway sums running agents' calls and dollars from the ledger."""
+    caps = [{"id": "triage", "scope": {"workflow": "triage"}, "max_calls": 4},
+            {"id": "pricey", "scope": {"workflow": "pricey"}, "max_usd": "0.002"}]
+    cfg = gateway_config(tmp_path, mock_upstream.url, f"sqlite:///{tmp_path}/l.db", run_caps=caps)
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        key = gw.create_key(team="support")["key"]
+        assert [_chat(gw, key, "r", f"s{i}").status_code for i in range(3)] == [200] * 3
+        spent = 0
+        while (r := _chat(gw, key, "p", f"s{spent}", workflow="pricey", max_tokens=20)).status_code == 200:
+            spent += 1
+        assert spent >= 1 and _error(r)["param"] == "max_usd"
+        gw.events(expect=3 + spent + 1)  # in the ledger before the restart
+    finally:
+        assert gw.proc is not None
+        stop(gw.proc)
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        assert [_chat(gw, key, "r", f"t{i}").status_code for i in range(2)] == [200, 429]  # 4 calls in all
+        r = _chat(gw, key, "p", "again", workflow="pricey", max_tokens=20)
+        assert r.status_code == 429 and _error(r)["param"] == "max_usd"
+        assert _chat(gw, key, "fresh", "s0").status_code == 200  # another run starts at zero
+    finally:
+        assert gw.proc is not None
+        stop(gw.proc)
+
+
 def _chat(gw: Gateway, key: str, run: str, content: str, workflow: str = "triage", max_tokens: int | None = 12,
           **headers: str) -> httpx.Response:
     body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}
@@ -219,6 +264,31 @@ def test_run_caps_shared_by_replicas_on_redis(mock_upstream: Mock, tmp_path: Pat
         for gw in gws:
             assert gw.proc is not None
             stop(gw.proc)
+
+
+def test_run_counters_are_rebuilt_when_redis_loses_them(mock_upstream: Mock, tmp_path: Path) -> None:
+    import redis
+
+    from tests.test_budgets_redis import REDIS, cluster
+
+    caps = [{"id": "lost", "scope": {"workflow": "triage"}, "max_calls": 4}]
+    (gw,) = cluster(tmp_path, mock_upstream, 1, state=REDIS, run_caps=caps)
+    r = redis.Redis.from_url(REDIS, socket_timeout=5)
+    try:
+        key = gw.create_key(team="support")["key"]
+        run = f"flushed-{time.time_ns()}"
+        assert [_chat(gw, key, run, f"s{i}").status_code for i in range(3)] == [200] * 3
+        gw.events(expect=3)
+        r.delete(*r.keys("margin:*"))  # Redis back empty (a restart without persistence)
+        deadline = time.monotonic() + 20
+        while not r.exists("margin:ready"):  # the reconciler rebuilds the counters from the ledger
+            assert time.monotonic() < deadline, "counters not rebuilt"
+            time.sleep(0.1)
+        assert [_chat(gw, key, run, f"t{i}").status_code for i in range(2)] == [200, 429]  # 4 calls in all
+    finally:
+        r.close()
+        assert gw.proc is not None
+        stop(gw.proc)
 
 
 def test_admin_runs_show_runs_and_live_cap_counters(capped: Any) -> None:

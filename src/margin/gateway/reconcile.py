@@ -19,8 +19,9 @@ local allowance) until the counters are back. Then, on each replica:
 
 Counting errs towards stricter budgets, never looser: a call that settles between (2) and (4) is
 counted by both its restored reservation and the ledger. Known gaps: events a replica is still
-spooling because the ledger store is down too are not in the sum; rate-limit buckets and run caps
-start afresh. The same path initialises an empty Redis at first start, so a new Redis never
+spooling because the ledger store is down too are not in the sum; rate-limit buckets, runs' loop
+detection and wall-time clocks start afresh (runs' dollars, calls and tool calls are rebuilt). The
+same path initialises an empty Redis at first start, so a new Redis never
 starts budgets at zero while the ledger knows better.
 """
 
@@ -61,7 +62,8 @@ class _Collect:
 async def ledger_spend(store: Any, guard: BudgetGuard) -> list[tuple[Hold, int]]:
     """This period's settled spend per budget counter, as start-up recovery computes it."""
     collect = _Collect()
-    await recover_spend(store, cast(BudgetGuard, SimpleNamespace(budgets=guard.budgets, state=collect)))
+    stand_in = SimpleNamespace(budgets=guard.budgets, run_caps=guard.run_caps, state=collect)
+    await recover_spend(store, cast(BudgetGuard, stand_in))
     return collect.items
 
 

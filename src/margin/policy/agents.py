@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from margin.domain import usd
-from margin.domain.budget import Budget, CounterState, Hold, RunCap, Threshold, from_units
-from margin.policy.budget import Applied, scope_values
+from margin.domain.budget import Budget, CounterState, Hold, RunCap, Threshold, from_units, to_units
+from margin.policy.budget import COUNTER_SLACK_S, Applied, scope_values
 
 _BLOCK = (Threshold(Decimal(100), "block"),)
 
@@ -132,3 +132,49 @@ def stop_for(counter: str, caps: Sequence[RunCap], state: CounterState) -> RunSt
     spent, reserved = (usd(from_units(n, "usd").normalize()) for n in (state.spent, state.reserved))
     return RunStop(cap, "max_usd", f"Run '{run_id}' would exceed its {cap.max_usd} USD cap: spent {spent} USD "
                    f"+ {reserved} reserved, and this call's worst case does not fit (run cap '{cap.id}')")
+
+
+# Ledger error types of calls refused at admission: they took nothing from a run's counters.
+REFUSED_AT_ADMISSION = frozenset({"budget_exceeded", "budget_deferred", "rate_limit_exceeded", "run_limit_exceeded",
+                                  "budget_state_unavailable"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunCall:
+    """One ledger event of an agent run, as counter recovery reads it."""
+
+    run_id: str
+    dims: Mapping[str, str]
+    ts: float  # epoch seconds the call started
+    cost_usd: Decimal
+    tool_calls: int
+
+
+def recovered(caps: Sequence[RunCap], calls: Sequence[RunCall], now: float) -> list[tuple[Hold, int]]:
+    """The run counters the ledger implies (dollars, calls, tool calls), for runs seen within each
+    cap's `ttl_s`: what a fresh state (a restart, or Redis back empty) needs so a running agent does
+    not get its cap anew. Loop-detection hashes and the wall-time clock are not in the ledger."""
+    totals: dict[str, tuple[RunCap, str, str, int, float]] = {}  # counter -> (cap, what, run, units, last ts)
+    for c in calls:
+        for cap in applicable(caps, c.dims, c.run_id):
+            if c.ts < now - cap.ttl_s:
+                continue
+            for what, units, on in (("usd", to_units(c.cost_usd, "usd"), cap.max_usd is not None),
+                                    ("calls", 1, cap.max_calls is not None),
+                                    ("tools", c.tool_calls, cap.max_tool_calls is not None)):
+                if on:
+                    k = key(cap, what, c.run_id)
+                    _, _, _, n, last = totals.get(k, (cap, what, c.run_id, 0, 0.0))
+                    totals[k] = (cap, what, c.run_id, n + units, max(last, c.ts))
+    out: list[tuple[Hold, int]] = []
+    for k, (cap, what, run_id, n, last) in totals.items():
+        expires = last + cap.ttl_s
+        if what == "usd":  # as a dollar cap's Applied is held: a custom budget ending ttl_s after the call
+            limit = to_units(cap.max_usd or Decimal(0), "usd")
+            hold = Hold(k, "budget", limit, 0, expires + COUNTER_SLACK_S, unit="usd")
+        elif what == "calls":
+            hold = Hold(k, "budget", cap.max_calls or 0, 0, expires, unit="calls")
+        else:
+            hold = tool_counter(cap, run_id, expires)
+        out.append((hold, n))
+    return out
