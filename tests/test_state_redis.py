@@ -262,6 +262,26 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def test_flags_are_shared_and_expire(redis_url: str) -> None:
+    prefix = f"margin-test:{uuid.uuid4().hex}:"
+    a, b = RedisState(REDIS_URL, prefix=prefix), RedisState(REDIS_URL, prefix=prefix)  # two replicas
+    mem = MemoryState()
+    try:
+        now = time.time()
+        for setter, getter in ((a, b), (mem, mem)):
+            assert not await getter.flagged("ui:signed-out:n1", now)
+            await setter.flag("ui:signed-out:n1", now + 0.3)
+            assert await getter.flagged("ui:signed-out:n1", time.time())
+            assert not await getter.flagged("ui:signed-out:n2", time.time())
+        await asyncio.sleep(0.4)
+        assert not await b.flagged("ui:signed-out:n1", time.time())  # gone when it expires
+        assert not await mem.flagged("ui:signed-out:n1", time.time())
+    finally:
+        await a.close()
+        await b.close()
+        await drop_prefix(prefix)
+
+
 async def test_closed_port_raises_state_unavailable_promptly() -> None:
     state = RedisState(f"redis://127.0.0.1:{closed_port()}/0")
     hold = Hold("b", "budget", 100, 1, time.time() + 60)
@@ -277,6 +297,8 @@ async def test_closed_port_raises_state_unavailable_promptly() -> None:
             await state.add_spent(hold, 1, time.time())
         with pytest.raises(StateUnavailable):
             await state.mark_fired("b", "80", time.time() + 60)
+        with pytest.raises(StateUnavailable):
+            await state.flagged("ui:signed-out:x", time.time())
     finally:
         await state.close()
     assert time.monotonic() - t < 2.0

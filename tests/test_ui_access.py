@@ -23,7 +23,7 @@ from margin.ui import budgets as bud
 from margin.ui import data, fmt
 from margin.ui.params import buckets, parse_view
 from margin.ui.session import Session, Signer, SignInThrottle, sign_in
-from tests.conftest import Gateway
+from tests.conftest import Gateway, Mock, stop
 
 ADMIN = "test-admin-key"
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -343,6 +343,28 @@ def test_http_viewer_role_and_sign_out(gateway: Gateway, tmp_path: Path) -> None
     c2 = _client(gateway)
     c2.cookies.set("margin_ui", old, path="/ui")
     assert c2.get("/ui/overview").status_code == 303
+
+
+def test_http_sign_out_holds_on_every_replica(mock_upstream: Mock, tmp_path: Path) -> None:
+    """Two replicas sharing Redis (and, through the admin key, the session secret): a session signed
+    out on one is refused by the other, not only where the button was pressed."""
+    from tests.test_budgets_redis import REDIS, cluster
+
+    a, b = cluster(tmp_path, mock_upstream, 2, state=REDIS)
+    try:
+        c, r = sign_in_http(a, ADMIN)
+        assert r.status_code == 303
+        old = c.cookies["margin_ui"]
+        other = _client(b)
+        other.cookies.set("margin_ui", old, path="/ui")
+        assert other.get("/ui/overview").status_code == 200  # one session, valid on both replicas
+        page = c.get("/ui/overview")
+        assert c.post("/ui/logout", data={"csrf": _csrf(page.text)}).status_code == 303
+        assert other.get("/ui/overview").status_code == 303  # signed out on a: refused on b too
+    finally:
+        for gw in (a, b):
+            assert gw.proc is not None
+            stop(gw.proc)
 
 
 # -- the audit log page (issue 11), admins only -------------------------------------------------------

@@ -134,6 +134,11 @@ class MarginApp:
 
         self.audit = Auditor(cfg.ledger.url)  # who changed what (issue 11): admin changes and each start's config
 
+    @property
+    def state(self) -> Any:
+        """The budget state, for the dashboard (sign-outs every replica honours)."""
+        return self.guard.state
+
     @staticmethod
     def _load_routers(cfg: Config) -> dict[str, tuple[Any, dict[str, str]]]:
         """Trained routers are loaded at start (a bad artefact stops start-up with its reason)."""

@@ -34,4 +34,10 @@ class State(Protocol):
     async def first_seen(self, key: str, now: float, expires_at: float) -> float:
         """The time first recorded under `key` (recording `now` if nothing was): when a run began."""
 
+    async def flag(self, key: str, expires_at: float) -> None:
+        """Set a marker every replica sees until `expires_at` (a dashboard session signed out)."""
+
+    async def flagged(self, key: str, now: float) -> bool:
+        """Whether `flag(key)` was set and has not expired."""
+
     async def close(self) -> None: ...

@@ -4,6 +4,7 @@ one event loop each call is atomic. It is also the reference the Redis backend i
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from margin.domain.budget import CounterState, Hold, ReserveResult
@@ -48,6 +49,7 @@ class MemoryState:
         self._res: dict[str, list[Hold]] = {}
         self._fired: dict[tuple[str, str], float] = {}
         self._first: dict[str, tuple[float, float]] = {}  # key -> (first seen, expires at)
+        self._flags: dict[str, float] = {}  # key -> expires at
 
     def _get(self, h: Hold, now: float) -> _Counter:
         c = self._c.get(h.key)
@@ -121,6 +123,14 @@ class MemoryState:
             return False
         self._fired[(key, tag)] = expires_at
         return True
+
+    async def flag(self, key: str, expires_at: float) -> None:
+        now = time.time()
+        self._flags = {k: exp for k, exp in self._flags.items() if exp > now}
+        self._flags[key] = max(self._flags.get(key, 0.0), expires_at)
+
+    async def flagged(self, key: str, now: float) -> bool:
+        return self._flags.get(key, 0.0) > now
 
     async def first_seen(self, key: str, now: float, expires_at: float) -> float:
         seen = self._first.get(key)

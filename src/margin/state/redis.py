@@ -225,6 +225,19 @@ class RedisState:
             raise StateUnavailable(f"Redis at {self._where} unavailable during mark_fired: {e}") from e
         return bool(first)
 
+    async def flag(self, key: str, expires_at: float) -> None:
+        at = max(math.ceil(expires_at * 1000), math.ceil(time.time() * 1000) + 1)
+        try:
+            await self._redis.set(f"{self._prefix}g:{key}", "1", pxat=at)
+        except _UNAVAILABLE as e:
+            raise StateUnavailable(f"Redis at {self._where} unavailable during flag: {e}") from e
+
+    async def flagged(self, key: str, now: float) -> bool:
+        try:
+            return bool(await self._redis.exists(f"{self._prefix}g:{key}"))
+        except _UNAVAILABLE as e:
+            raise StateUnavailable(f"Redis at {self._where} unavailable during flagged: {e}") from e
+
     async def first_seen(self, key: str, now: float, expires_at: float) -> float:
         # SET NX GET (Redis >= 7.0) is one atomic round trip: the first writer's time wins.
         name = f"{self._prefix}s:{key}"

@@ -21,6 +21,7 @@ import orjson
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from margin.analytics.warehouse import Warehouse
+from margin.state.base import StateUnavailable
 from margin.ui import fmt
 from margin.ui.params import BUCKETS, BY_CHOICES, FILTER_DIMS, PERIODS
 from margin.ui.session import (
@@ -47,6 +48,7 @@ SECURITY = [(b"content-security-policy", CSP.encode()), (b"x-content-type-option
 REFRESH_S = 1.0  # the warehouse reads new ledger rows at most this often
 WAIT_S = 1.5  # the longest a page waits for a running refresh before rendering what is there
 RESULTS_KEPT = 256
+SIGNED_OUT = "ui:signed-out:"  # shared-state marker per signed-out session nonce
 MAX_STALE_S = 5.0  # how far behind the ledger a page may be (MARGIN_UI_MAX_STALE_S; 0: never behind)
 NAV = (("overview", "Overview"), ("spend", "Spend"), ("budgets", "Budgets"), ("outcomes", "Outcomes"),
        ("routing", "Routing & runs"), ("pools", "Pools"), ("keys", "Keys"), ("audit", "Audit log"))
@@ -61,6 +63,10 @@ class Host(Protocol):
     keys: Any
     breakers: Any
     providers: dict[str, Any]
+
+    @property
+    def state(self) -> Any:  # the budget state (margin.state): shared by replicas when it is Redis
+        ...
 
 
 class Problem(Exception):
@@ -206,7 +212,7 @@ class Dashboard:
     async def session(self, req: Request) -> Session | None:
         now = time.time()
         s = self.signer.session(read_cookies(req.headers.get("cookie")).get(COOKIE), now)
-        if s is None or s.nonce in self._revoked:
+        if s is None or s.nonce in self._revoked or await self._signed_out_elsewhere(s, now):
             return None
         if s.is_admin:
             key = self.host.cfg.admin_key
@@ -224,10 +230,22 @@ class Dashboard:
             return None
         return s if team == s.team else replace(s, team=team)
 
-    def sign_out(self, s: Session) -> None:
+    async def _signed_out_elsewhere(self, s: Session, now: float) -> bool:
+        try:
+            return bool(await self.host.state.flagged(SIGNED_OUT + s.nonce, now))
+        except StateUnavailable as e:  # this replica's own sign-outs still hold
+            log.warning("dashboard: cannot read sign-outs from the shared state: %s", e)
+            return False
+
+    async def sign_out(self, s: Session) -> None:
+        """Refuse the session from now on: here at once, on every replica through the shared state."""
         now = int(time.time())
         self._revoked = {n: exp for n, exp in self._revoked.items() if exp > now}
         self._revoked[s.nonce] = s.expires
+        try:
+            await self.host.state.flag(SIGNED_OUT + s.nonce, float(s.expires))
+        except StateUnavailable as e:
+            log.warning("dashboard: sign-out recorded on this replica only: %s", e)
 
     def check_csrf(self, req: Request, s: Session, form: dict[str, str]) -> None:
         origin = req.headers.get("origin")

@@ -58,7 +58,7 @@ async def route(d: Dashboard, req: Request, s: Session) -> Reply:
         if req.method != "POST":
             raise Problem(405, "Sign out with the button (POST)")
         d.check_csrf(req, s, req.form())
-        d.sign_out(s)
+        await d.sign_out(s)
         return redirect("/ui/login", [(b"set-cookie", cookie("margin_ui", "", 0, req.secure))])
     handler = PAGES.get(p)
     if handler is None:
