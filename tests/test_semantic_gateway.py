@@ -109,3 +109,43 @@ def test_bad_semantic_config_is_refused(tmp_path: Path, mock_upstream: Mock) -> 
                          groups=[{"name": "g", "candidates": ["gpt-4o-mini"], "semantic_cache": {"top_k": 3}}])
     with pytest.raises(ConfigError, match="semantic_cache needs a verifier"):
         parse_config(cfg)
+
+
+def test_replicas_share_entries_through_redis(mock_upstream: Mock, tmp_path: Path) -> None:
+    """semantic_cache.backend: redis:// - an answer stored on one replica serves a paraphrase on the
+    other, and a replica started later reads the entries stored before it started."""
+    import time
+
+    import redis
+
+    from margin.state.semantic_share import STREAM
+    from tests.test_budgets_redis import REDIS, cluster
+
+    semantic = {"ttl_s": 60, "backend": REDIS}
+    groups = [{"name": "faq", "candidates": ["gpt-4o-mini"], "semantic_cache": {"threshold": 0.9, "top_k": 3}}]
+    for d in ("ab", "late"):
+        (tmp_path / d).mkdir()
+    a, b = cluster(tmp_path / "ab", mock_upstream, 2, semantic_cache=semantic, groups=groups)
+    late: list[Gateway] = []
+    try:
+        k = a.create_key(org=f"shared-{time.time_ns()}")  # a fresh tenant: old stream entries never match
+        assert "x-margin-cache" not in ask(a, k["key"], QUESTION).headers
+        deadline = time.monotonic() + 20
+        while httpx.get(b.url + "/health").json()["semantic_cache"]["shared_in"] < 1:
+            assert time.monotonic() < deadline, "replica b never indexed a's entry"
+            time.sleep(0.1)
+        para = ask(b, k["key"], PARAPHRASE)
+        assert para.headers.get("x-margin-cache") == "semantic"
+        assert httpx.get(b.url + "/health").json()["semantic_cache"]["backend"] == "redis"
+        late = cluster(tmp_path / "late", mock_upstream, 1, semantic_cache=semantic, groups=groups)
+        deadline = time.monotonic() + 20
+        while httpx.get(late[0].url + "/health").json()["semantic_cache"]["entries"] < 1:
+            assert time.monotonic() < deadline, "a new replica did not start warm"
+            time.sleep(0.1)
+    finally:
+        for gw in (a, b, *late):
+            assert gw.proc is not None
+            stop(gw.proc)
+        r = redis.Redis.from_url(REDIS)
+        r.delete(STREAM)
+        r.close()

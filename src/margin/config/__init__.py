@@ -121,8 +121,9 @@ class Config(_Strict):
             bad = [f for f in m.fallbacks if f not in known]
             if bad:
                 raise ValueError(f"model {m.name!r}: unknown fallback(s) {bad}")
-        if not (self.state == "memory" or self.state.startswith(("redis://", "rediss://", "unix://"))):
-            raise ValueError(f"state must be 'memory' or a redis:// URL, not {self.state!r}")
+        for name, value in (("state", self.state), ("semantic_cache.backend", self.semantic_cache.backend)):
+            if not (value == "memory" or value.startswith(("redis://", "rediss://", "unix://"))):
+                raise ValueError(f"{name} must be 'memory' or a redis:// URL, not {value!r}")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -39,7 +39,10 @@ class CacheConfig(_Strict):
 
 
 class SemanticCacheConfig(_Strict):
-    """Settings shared by every route with `semantic_cache` (docs/caching.md). In-process per replica."""
+    """Settings shared by every route with `semantic_cache` (docs/caching.md)."""
+
+    # "memory": each replica's own entries; a redis:// URL: entries shared by replicas (one stream)
+    backend: str = "memory"
 
     embedder: Literal["onnx", "torch"] = "onnx"  # all-MiniLM-L6-v2 on ONNX Runtime (exported once) or torch
     onnx_path: str = ".margin/models/all-MiniLM-L6-v2.onnx"  # exported here on first use if missing

@@ -297,7 +297,9 @@ class MarginApp:
                                                     "providers": sorted(self.providers),
                                                     "circuits": self.breakers.snapshot(),
                                                     **({"budget_state": self.reconciler.stats()}
-                                                       if self.reconciler is not None else {})})
+                                                       if self.reconciler is not None else {}),
+                                                    **({"semantic_cache": self.pipeline.semantic.health()}
+                                                       if self.pipeline.semantic is not None else {})})
         if path == "/openapi.json":
             from margin.gateway.openapi import document_bytes
 

@@ -32,6 +32,8 @@ from margin.policy import semantic as policy
 from margin.pricing import PriceBook
 from margin.state.cache import CachedAnswer
 from margin.state.semantic import Entry, SemanticStore
+from margin.state.semantic_share import SharedEntries, SharedEntry
+from margin.tasks import cancel_and_wait
 
 log = logging.getLogger("margin.gateway")
 
@@ -95,11 +97,44 @@ class SemanticLever:
         self.store: SemanticStore | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="margin-semantic")
         self.pending = 0
-        self.stats = {"hits": 0, "misses": 0, "skipped": 0, "stored": 0}
+        self.stats = {"hits": 0, "misses": 0, "skipped": 0, "stored": 0, "shared_in": 0, "share_errors": 0}
+        self.shared: SharedEntries | None = None  # entries shared by replicas (semantic_cache.backend: redis://)
+        self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Load the embedder (exporting the ONNX model on first use) on the worker thread."""
+        """Load the embedder (exporting the ONNX model on first use) on the worker thread; with a
+        shared backend, start following the other replicas' entries."""
         await asyncio.get_running_loop().run_in_executor(self.pool, self._load)
+        if self.cfg.backend != "memory":
+            self.shared = SharedEntries(self.cfg.backend, self.cfg.max_entries)
+            self._follower = asyncio.create_task(self._follow(), name="margin-semantic-follower")
+
+    async def _follow(self) -> None:
+        """Index what the other replicas store, as it arrives (from the stream's start at first)."""
+        assert self.shared is not None
+        loop, backoff = asyncio.get_running_loop(), 0.5
+        while True:
+            try:
+                entries = await self.shared.follow(time.time())
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down: serve what this replica has, catch up later
+                self.stats["share_errors"] += 1
+                log.warning("semantic cache: cannot read shared entries (%s); retrying in %.1f s", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if entries:
+                await loop.run_in_executor(self.pool, self._ingest, entries)
+
+    def _ingest(self, entries: list[SharedEntry]) -> None:
+        assert self.store is not None
+        now, wall = time.monotonic(), time.time()
+        for e in entries:
+            if e.expires_at > wall and len(e.vector) == self.store.dim:
+                self.store.add(e.tenant, e.context, e.text, e.vector, e.answer, e.expires_at - wall, now)
+                self.stats["shared_in"] += 1
 
     def _load(self) -> None:
         if self.encoder is None:
@@ -119,7 +154,16 @@ class SemanticLever:
         dim = int(self.encoder.encode(["warm up"]).shape[1])
         self.store = SemanticStore(dim, self.cfg.max_entries, self.cfg.max_entries_per_tenant)
 
+    def health(self) -> dict[str, Any]:
+        """For /health: counts since start, entries held, and whether entries are shared."""
+        return {**self.stats, "entries": len(self.store) if self.store is not None else 0,
+                "backend": "memory" if self.cfg.backend == "memory" else "redis"}
+
     async def close(self) -> None:
+        if self._follower is not None:
+            await cancel_and_wait(self._follower)
+        if self.shared is not None:
+            await self.shared.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def plan(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
@@ -197,13 +241,14 @@ class SemanticLever:
                          "similarity": round(f.similarity, 4), "verifier": plan.route.verifier is not None})
         return True
 
-    def _store(self, plan: Plan, answer: CachedAnswer) -> None:
+    def _store(self, plan: Plan, answer: CachedAnswer) -> Any:
         assert self.store is not None and self.encoder is not None
         vector = plan.vector if plan.vector is not None else self.encoder.encode([plan.key.text])[0]
         now = time.monotonic()
         self.store.add(plan.key.tenant, plan.key.context, plan.key.text, vector, answer, self.cfg.ttl_s, now)
         if self.stats["stored"] % 1000 == 0:
             self.store.expire(now)
+        return vector
 
     async def put(self, plan: Plan, decision: RouteDecision, ev: Event, body: str = "",
                   chunks: list[str] | None = None) -> None:
@@ -216,7 +261,16 @@ class SemanticLever:
         answer = CachedAnswer(decision.model, body, chunks or [], u.input_tokens, u.output_tokens,
                               u.cached_input_tokens, u.reasoning_tokens)
         try:
-            await self._run(self._store, plan, answer)
+            vector = await self._run(self._store, plan, answer)
             self.stats["stored"] += 1
         except Exception as e:
             log.warning("semantic cache store failed: %s", e)
+            return
+        if self.shared is not None:
+            k = plan.key
+            try:
+                await self.shared.publish(SharedEntry(k.tenant, k.context, k.text, vector, answer,
+                                                      time.time() + self.cfg.ttl_s))
+            except Exception as e:  # the others miss this one; this replica still has it
+                self.stats["share_errors"] += 1
+                log.warning("semantic cache: entry not shared with other replicas: %s", e)

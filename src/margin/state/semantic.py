@@ -5,8 +5,8 @@ Not thread-safe by design: the gateway runs every operation on one worker thread
 done there too), so no lock is needed and the event loop never waits on the index. Time is an
 argument (`now`, seconds on any monotonic clock), so tests control expiry.
 
-In-process per replica: replicas do not share entries (a paraphrase answered on one replica is a
-miss on another until it stores its own). docs/caching.md says so.
+In-process per replica; with `semantic_cache.backend: redis://...` replicas share their entries
+through a Redis stream (`state.semantic_share`), each indexing the others' as they arrive.
 """
 
 from __future__ import annotations
