@@ -80,7 +80,6 @@ def test_recovered_counters_from_the_ledger() -> None:
     triage = {"workflow": "triage"}
     calls = [agents.RunCall("r1", triage, now - 100, Decimal("0.10"), 2),
              agents.RunCall("r1", triage, now - 50, Decimal("0.000000001"), 0),
-             agents.RunCall("r1", triage, now - 4000, Decimal("9"), 9),  # older than the cap's ttl: its run is over
              agents.RunCall("r2", {"workflow": "other"}, now - 10, Decimal("1"), 1)]  # no cap covers it
     got = {h.key: (units, h.limit, h.unit, h.expires_at) for h, units in agents.recovered(caps, calls, now)}
     assert got == {
@@ -88,6 +87,18 @@ def test_recovered_counters_from_the_ledger() -> None:
         "run:c:calls:r1": (2, 5, "calls", now - 50 + 3600),
         "run:c:tools:r1": (2, 9, "calls", now - 50 + 3600),
     }  # the wall-time cap counts nothing the ledger could restore
+    # A long run: a counter lives while the run keeps calling, however long ago it began...
+    steady = [agents.RunCall("r3", triage, now - 3000 * i, Decimal("0.01"), 1) for i in range(10)]
+    got = {h.key: units for h, units in agents.recovered(caps, steady, now)}
+    assert got["run:c:calls:r3"] == 10 and got["run:c:usd:r3"] == 100_000_000
+    # ... and restarts after a pause longer than ttl_s (the dollar counter only after ttl_s + a day)
+    paused = [agents.RunCall("r4", triage, now - 5000, Decimal("0.01"), 1),
+              agents.RunCall("r4", triage, now - 100, Decimal("0.02"), 1)]
+    got = {h.key: units for h, units in agents.recovered(caps, paused, now)}
+    assert got["run:c:calls:r4"] == 1 and got["run:c:usd:r4"] == 30_000_000
+    # a run whose counters have all expired is left out
+    over = [agents.RunCall("r5", triage, now - 100_000, Decimal("0.01"), 1)]
+    assert agents.recovered(caps, over, now) == []
 
 
 def test_a_restart_does_not_give_a_run_its_caps_anew(mock_upstream: Mock, tmp_path: Path) -> None:

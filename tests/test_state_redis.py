@@ -282,6 +282,39 @@ async def test_flags_are_shared_and_expire(redis_url: str) -> None:
         await drop_prefix(prefix)
 
 
+async def test_shared_semantic_entries_skip_own_expired_and_malformed(redis_url: str) -> None:
+    import numpy as np
+
+    from margin.state.cache import CachedAnswer
+    from margin.state.semantic_share import SharedEntries, SharedEntry
+
+    stream = f"margin-test:{uuid.uuid4().hex}:semantic"
+    a = SharedEntries(REDIS_URL, 100, stream=stream, block_ms=100)
+    b = SharedEntries(REDIS_URL, 100, stream=stream, block_ms=100)
+    raw = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        now = time.time()
+        vec = np.arange(4, dtype=np.float32)
+
+        def entry(text: str, expires: float) -> SharedEntry:
+            return SharedEntry("org:acme", "ctx", text, vec, CachedAnswer("m", body='{"x": 1}'), expires)
+
+        await a.publish(entry("kept", now + 60))
+        await a.publish(entry("expired", now - 1))
+        await raw.xadd(stream, {"o": "someone", "t": "org:acme"})  # malformed: fields missing
+        await a.publish(entry("after the bad one", now + 60))
+        got = await b.follow(time.time())
+        assert [e.text for e in got] == ["kept", "after the bad one"] and b.skipped == 1
+        assert np.array_equal(got[0].vector, vec) and got[0].answer.body == '{"x": 1}'
+        assert await a.follow(time.time()) == []  # its own entries are already in its index
+        assert await b.follow(time.time()) == []  # nothing new: the read position moved on
+    finally:
+        await raw.delete(stream)
+        await raw.aclose()
+        await a.close()
+        await b.close()
+
+
 async def test_closed_port_raises_state_unavailable_promptly() -> None:
     state = RedisState(f"redis://127.0.0.1:{closed_port()}/0")
     hold = Hold("b", "budget", 100, 1, time.time() + 60)

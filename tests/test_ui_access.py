@@ -264,16 +264,16 @@ def test_sign_in_throttle_per_address() -> None:
     t = SignInThrottle(limit=3, window_s=60, max_clients=2)
     for i in range(3):
         assert t.retry_after("a", 100 + i) is None
-        t.failed("a", 100 + i)
+        t.attempt("a", 100 + i)  # each fails
     assert t.retry_after("a", 103) == pytest.approx(57)  # until the first failure leaves the window
     assert t.retry_after("b", 103) is None  # another address is not held back
     assert t.retry_after("a", 160.5) is None  # the first failure left the window: one more try
-    t.failed("a", 160.6)
-    assert t.retry_after("a", 160.7) == pytest.approx(0.3)  # held again, until the next one leaves
-    t.succeeded("a")
-    assert t.retry_after("a", 160.7) is None
+    t.attempt("a", 160.6)
+    assert t.retry_after("a", 160.7) == pytest.approx(0.3)  # counted while it is looked up
+    t.succeeded("a", 160.6)  # it succeeded: only that attempt is taken back
+    assert t.retry_after("a", 160.7) is None and len(t._fails["a"]) == 2
     for who in ("x", "y", "z"):  # bounded memory: the least recently failing address is dropped
-        t.failed(who, 200)
+        t.attempt(who, 200)
     assert set(t._fails) == {"y", "z"}
 
 
@@ -289,6 +289,16 @@ def test_http_sign_in_is_throttled_after_repeated_failures(gateway: Gateway) -> 
     assert r.status_code == 429 and "Too many failed sign-ins" in r.text
     _, ok = sign_in_http(gateway, ADMIN)  # another address signs in as usual
     assert ok.status_code == 303
+    # A viewer key does not wipe earlier failures: 9 guesses, a viewer sign-in, then the 10th guess
+    # still locks the address (from a third loopback address, fresh).
+    viewer = gateway.create_key(team="ops", name="v", tags={"role": "viewer"})
+    c3 = httpx.Client(base_url=gateway.url, follow_redirects=False, timeout=30,
+                      transport=httpx.HTTPTransport(local_address="127.0.0.3"))
+    for key in ["mk-guess"] * 9 + [viewer["key"], "mk-guess"]:
+        page = c3.get("/ui/login")
+        c3.post("/ui/login", data={"key": key, "csrf": _csrf(page.text)})
+    page = c3.get("/ui/login")
+    assert c3.post("/ui/login", data={"key": ADMIN, "csrf": _csrf(page.text)}).status_code == 429
 
 
 def test_http_forms_need_csrf_and_same_origin(gateway: Gateway) -> None:

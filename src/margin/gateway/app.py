@@ -21,10 +21,11 @@ from margin.gateway.batch_worker import BatchLane
 from margin.gateway.batches import PREFIXES as BATCH_PREFIXES
 from margin.gateway.batches import handle as handle_batches
 from margin.gateway.body import read_body
-from margin.gateway.budgets import BudgetGuard, recover_spend
+from margin.gateway.budgets import BudgetGuard
 from margin.gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from margin.gateway.health import Breakers
 from margin.gateway.pipeline import JSON_HEADERS, Headers, Pipeline
+from margin.gateway.recovery import recover_spend
 from margin.ledger import LedgerWriter, Spool, open_store
 from margin.pricing import PriceBook
 from margin.providers import make_provider

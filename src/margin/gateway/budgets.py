@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from margin.config import BudgetConfig, Config
-from margin.domain import Attribution, Call, Event, RouteDecision
+from margin.domain import Call, Event, RouteDecision
 from margin.domain.budget import Budget, CounterState, Hold, Threshold, to_units
 from margin.gateway.errors import GatewayError
 from margin.policy import agents
@@ -325,40 +325,3 @@ class BudgetGuard:
         if self._session is not None:
             await self._session.close()
         await self.state.close()
-
-
-async def recover_spend(store: Any, guard: BudgetGuard) -> int:
-    """Sum this period's settled spend per budget counter, and the counters of recent agent runs,
-    from the ledger into the state."""
-    now = datetime.now(UTC)
-    starts = ([policy.window(b, now)[0] for b in guard.budgets]
-              + [now - timedelta(seconds=c.ttl_s) for c in guard.run_caps])
-    if not starts:
-        return 0
-    rows = await store.fetch_events(since=min(starts))
-    totals: dict[str, tuple[Hold, int]] = {}
-    runs: list[agents.RunCall] = []
-    for r in rows:
-        tags = tuple(sorted(orjson.loads(r.get("tags") or "{}").items()))
-        attribution = Attribution(r.get("org") or "", r.get("team") or "", r.get("user") or "", r.get("app") or "",
-                                  r.get("env") or "", r.get("key_id") or "", tags)
-        dims = policy.dims_of(attribution, r.get("workflow") or "", r.get("model") or "", r.get("provider") or "")
-        ts = datetime.fromisoformat(r["ts_start"])
-        if (guard.run_caps and r.get("run_id") and r.get("model")
-                and r.get("error_type") not in agents.REFUSED_AT_ADMISSION):
-            runs.append(agents.RunCall(r["run_id"], dims, ts.timestamp(), Decimal(r.get("cost_usd") or 0),
-                                       int(r.get("tool_calls") or 0)))
-        if not r.get("cost_usd") or r.get("status") in (None, 0):
-            continue
-        for a in policy.applicable(guard.budgets, dims, now):
-            if not a.start <= ts < a.end:
-                continue
-            b = a.budget
-            units = (to_units(Decimal(r["cost_usd"]), "usd") if b.unit == "usd"
-                     else int(r.get("input_tokens") or 0) + int(r.get("output_tokens") or 0))
-            hold = Hold(a.key, "budget", a.limit_units, 0, a.end.timestamp() + policy.COUNTER_SLACK_S,
-                        float(b.rolling_s) if b.period == "rolling" else 0.0, b.unit)
-            totals[a.key] = (hold, totals.get(a.key, (hold, 0))[1] + units)
-    for hold, units in [*totals.values(), *agents.recovered(guard.run_caps, runs, now.timestamp())]:
-        await guard.state.add_spent(hold, units, now.timestamp())
-    return len(rows)

@@ -184,7 +184,7 @@ class Pipeline:
                 if ev is None:
                     ev, t0 = self._follow_up(first), time.perf_counter()
                 try:
-                    await self._attempt(call, d, payload, headers, body, ev, t0, out, verify)
+                    await self._attempt(call, d, payload, headers, body, ev, t0, out, verify, hold_deferral=True)
                     return
                 except Escalate as e:
                     ev = None
@@ -230,7 +230,9 @@ class Pipeline:
 
     async def _attempt(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                        headers: dict[str, str], body: bytes, ev: Event, t0: float, out: Out,
-                       verify: route.Group | None = None) -> None:
+                       verify: route.Group | None = None, hold_deferral: bool = False) -> None:
+        """One call to one model. `hold_deferral`: a budget's defer refusal leaves its event for
+        handle() to record once the batch lane has answered (side calls record their own)."""
         admission: Admission | None = None
         upstream_s: float | None = None
         held = False
@@ -272,7 +274,7 @@ class Pipeline:
             ev.status, ev.error_type = e.status, e.code or e.type
             if isinstance(e, UpstreamFailed) and e.provider_fault:
                 self.breakers.failure(decision.provider)
-            if e.code == "budget_deferred":  # handle() records it once it knows whether the lane took it
+            if hold_deferral and e.code == "budget_deferred":  # handle() records it, 202 or 429
                 e.held_event, held = (ev, t0), True  # type: ignore[attr-defined]
             raise
         except asyncio.CancelledError:

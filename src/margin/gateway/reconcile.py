@@ -14,7 +14,7 @@ local allowance) until the counters are back. Then, on each replica:
 3. it waits `grace_s`, so every other replica has done (2) and events of calls that just ended
    have reached the ledger;
 4. it sums this period's spend per counter from the ledger, with the arithmetic start-up uses for
-   in-memory state (budgets.recover_spend), and REBUILDs: spend added and marker set atomically,
+   in-memory state (recovery.recover_spend), and REBUILDs: spend added and marker set atomically,
    only if nobody set the marker first, so racing replicas cannot count the ledger twice.
 
 Counting errs towards stricter budgets, never looser: a call that settles between (2) and (4) is
@@ -38,7 +38,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 from margin.domain.budget import Hold
-from margin.gateway.budgets import BudgetGuard, recover_spend
+from margin.gateway.budgets import BudgetGuard
+from margin.gateway.recovery import recover_spend
 from margin.state.base import StateUnavailable
 from margin.state.redis import RedisState
 from margin.tasks import cancel_and_wait

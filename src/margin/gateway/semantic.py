@@ -100,6 +100,7 @@ class SemanticLever:
         self.stats = {"hits": 0, "misses": 0, "skipped": 0, "stored": 0, "shared_in": 0, "share_errors": 0}
         self.shared: SharedEntries | None = None  # entries shared by replicas (semantic_cache.backend: redis://)
         self._follower: asyncio.Task[None] | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Load the embedder (exporting the ONNX model on first use) on the worker thread; with a
@@ -126,7 +127,11 @@ class SemanticLever:
                 backoff = min(backoff * 2, 10.0)
                 continue
             if entries:
-                await loop.run_in_executor(self.pool, self._ingest, entries)
+                try:
+                    await loop.run_in_executor(self.pool, self._ingest, entries)
+                except Exception as e:  # an index error must not stop the sharing for good
+                    self.stats["share_errors"] += 1
+                    log.warning("semantic cache: could not index %d shared entries: %s", len(entries), e)
 
     def _ingest(self, entries: list[SharedEntry]) -> None:
         assert self.store is not None
@@ -160,11 +165,17 @@ class SemanticLever:
                 "backend": "memory" if self.cfg.backend == "memory" else "redis"}
 
     async def close(self) -> None:
-        if self._follower is not None:
+        """Never raises: the gateway's shutdown goes on to flush the ledger after this."""
+        try:
             await cancel_and_wait(self._follower)
-        if self.shared is not None:
-            await self.shared.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+            for t in list(self._publishing):
+                await cancel_and_wait(t)
+            if self.shared is not None:
+                await self.shared.close()
+        except Exception as e:
+            log.warning("semantic cache: error while closing: %s", e)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def plan(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
              headers: dict[str, str]) -> Plan | None:
@@ -267,10 +278,20 @@ class SemanticLever:
             log.warning("semantic cache store failed: %s", e)
             return
         if self.shared is not None:
-            k = plan.key
-            try:
-                await self.shared.publish(SharedEntry(k.tenant, k.context, k.text, vector, answer,
-                                                      time.time() + self.cfg.ttl_s))
-            except Exception as e:  # the others miss this one; this replica still has it
+            if len(self._publishing) >= self.cfg.max_pending:  # Redis slow or down: do not pile up
                 self.stats["share_errors"] += 1
-                log.warning("semantic cache: entry not shared with other replicas: %s", e)
+                return
+            k = plan.key
+            entry = SharedEntry(k.tenant, k.context, k.text, vector, answer, time.time() + self.cfg.ttl_s)
+            # In the background: the request's event and budget settlement do not wait for Redis.
+            task = asyncio.create_task(self._publish(entry))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, entry: SharedEntry) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.publish(entry)
+        except Exception as e:  # the others miss this one; this replica still has it
+            self.stats["share_errors"] += 1
+            log.warning("semantic cache: entry not shared with other replicas: %s", e)

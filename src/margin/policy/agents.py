@@ -151,30 +151,33 @@ class RunCall:
 
 
 def recovered(caps: Sequence[RunCap], calls: Sequence[RunCall], now: float) -> list[tuple[Hold, int]]:
-    """The run counters the ledger implies (dollars, calls, tool calls), for runs seen within each
-    cap's `ttl_s`: what a fresh state (a restart, or Redis back empty) needs so a running agent does
-    not get its cap anew. Loop-detection hashes and the wall-time clock are not in the ledger."""
-    totals: dict[str, tuple[RunCap, str, str, int, float]] = {}  # counter -> (cap, what, run, units, last ts)
+    """The run counters the ledger implies (dollars, calls, tool calls) that are still alive at `now`:
+    what a fresh state (a restart, or Redis back empty) needs so a running agent does not get its cap
+    anew. A live counter expires `span` after its run's last call (ttl_s; a dollar cap keeps its
+    counter COUNTER_SLACK_S longer) and a call after that starts it again, so each counter sums the
+    calls since the last such gap. Loop-detection hashes and the wall-time clock are not in the ledger."""
+    series: dict[str, tuple[RunCap, str, str, list[tuple[float, int]]]] = {}
     for c in calls:
         for cap in applicable(caps, c.dims, c.run_id):
-            if c.ts < now - cap.ttl_s:
-                continue
             for what, units, on in (("usd", to_units(c.cost_usd, "usd"), cap.max_usd is not None),
                                     ("calls", 1, cap.max_calls is not None),
                                     ("tools", c.tool_calls, cap.max_tool_calls is not None)):
                 if on:
-                    k = key(cap, what, c.run_id)
-                    _, _, _, n, last = totals.get(k, (cap, what, c.run_id, 0, 0.0))
-                    totals[k] = (cap, what, c.run_id, n + units, max(last, c.ts))
+                    series.setdefault(key(cap, what, c.run_id), (cap, what, c.run_id, []))[3].append((c.ts, units))
     out: list[tuple[Hold, int]] = []
-    for k, (cap, what, run_id, n, last) in totals.items():
-        expires = last + cap.ttl_s
+    for k, (cap, what, run_id, points) in series.items():
+        span = cap.ttl_s + (COUNTER_SLACK_S if what == "usd" else 0.0)
+        total, last = 0, float("-inf")
+        for ts, units in sorted(points):
+            total = units if ts >= last + span else total + units  # the counter had expired: it restarted
+            last = ts
+        if last + span <= now:
+            continue  # expired: the run's next call starts afresh, as it would have live
         if what == "usd":  # as a dollar cap's Applied is held: a custom budget ending ttl_s after the call
-            limit = to_units(cap.max_usd or Decimal(0), "usd")
-            hold = Hold(k, "budget", limit, 0, expires + COUNTER_SLACK_S, unit="usd")
+            hold = Hold(k, "budget", to_units(cap.max_usd or Decimal(0), "usd"), 0, last + span, unit="usd")
         elif what == "calls":
-            hold = Hold(k, "budget", cap.max_calls or 0, 0, expires, unit="calls")
+            hold = Hold(k, "budget", cap.max_calls or 0, 0, last + span, unit="calls")
         else:
-            hold = tool_counter(cap, run_id, expires)
-        out.append((hold, n))
+            hold = tool_counter(cap, run_id, last + span)
+        out.append((hold, total))
     return out

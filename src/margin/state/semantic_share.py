@@ -13,6 +13,7 @@ is capped near `max_entries` (XADD MAXLEN ~): the oldest entries leave it first,
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from margin.state.cache import CachedAnswer
 from margin.state.semantic import Vector
 
 STREAM = "margin:semantic:entries"
+log = logging.getLogger("margin.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,7 @@ class SharedEntries:
         self.stream, self.max_entries = stream, max_entries
         self.origin = uuid.uuid4().hex  # this replica: its own entries are already in its index
         self.last_id = "0-0"  # read from the start: a new replica starts warm
+        self.skipped = 0
 
     async def publish(self, e: SharedEntry) -> None:
         fields = {"o": self.origin, "t": e.tenant, "c": e.context, "x": e.text,
@@ -61,14 +64,15 @@ class SharedEntries:
         for _, rows in got or ():
             for entry_id, f in rows:
                 self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                if f.get(b"o", b"").decode() == self.origin:
-                    continue
-                expires = float(f[b"e"])
-                if expires <= now:
-                    continue
-                out.append(SharedEntry(f[b"t"].decode(), f[b"c"].decode(), f[b"x"].decode(),
-                                       np.frombuffer(f[b"v"], dtype=np.float32).copy(),
-                                       CachedAnswer.loads(f[b"a"]), expires))
+                try:
+                    if f.get(b"o", b"").decode() == self.origin or float(f[b"e"]) <= now:
+                        continue
+                    out.append(SharedEntry(f[b"t"].decode(), f[b"c"].decode(), f[b"x"].decode(),
+                                           np.frombuffer(f[b"v"], dtype=np.float32).copy(),
+                                           CachedAnswer.loads(f[b"a"]), float(f[b"e"])))
+                except Exception as e:  # one malformed entry (another version?) costs only itself
+                    self.skipped += 1
+                    log.warning("semantic cache: skipped shared entry %s: %s: %s", self.last_id, type(e).__name__, e)
         return out
 
     async def close(self) -> None:

@@ -138,6 +138,7 @@ class Dashboard:
         self.sync_error = ""
         self._revoked: dict[str, int] = {}  # nonces of sessions signed out here (until they expire)
         self.throttle = SignInThrottle()
+        self._state_warned = 0.0
         from margin.ui.budgets import Forecasts
 
         self.forecasts = Forecasts()
@@ -234,7 +235,9 @@ class Dashboard:
         try:
             return bool(await self.host.state.flagged(SIGNED_OUT + s.nonce, now))
         except StateUnavailable as e:  # this replica's own sign-outs still hold
-            log.warning("dashboard: cannot read sign-outs from the shared state: %s", e)
+            if now - self._state_warned > 60:  # once a minute, not on every page
+                self._state_warned = now
+                log.warning("dashboard: cannot read sign-outs from the shared state: %s", e)
             return False
 
     async def sign_out(self, s: Session) -> None:

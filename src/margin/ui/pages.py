@@ -40,13 +40,13 @@ async def login(d: Dashboard, req: Request) -> Reply:
     wait = d.throttle.retry_after(req.client, now)
     if wait is not None:
         raise Problem(429, f"Too many failed sign-ins from your address: try again in {max(1, round(wait))} s")
+    d.throttle.attempt(req.client, now)  # before the lookup: parallel guesses all count
     result = await sign_in(form.get("key", ""), d.host.cfg.admin_key, d.host.keys.lookup, d.signer, now)
     if isinstance(result, str):
-        d.throttle.failed(req.client, now)
         ctx = {**d.base(req, None, "login"), "csrf": form.get("csrf", ""), "next": form.get("next", ""),
                "failure": result}
         return d.html(req, "login.html", ctx, status=401)
-    d.throttle.succeeded(req.client)
+    d.throttle.succeeded(req.client, now)
     return redirect(_next(form.get("next", "")), d.set_session(result, req.secure))
 
 

@@ -157,8 +157,11 @@ async def sign_in(secret: str, admin_key: str | None, lookup: Lookup, signer: Si
 class SignInThrottle:
     """Failed sign-ins per client address: after `limit` failures within `window_s`, that address
     waits until the oldest one leaves the window. A weak admin key in margin.yaml cannot then be
-    guessed at network speed. Per replica and in memory (a restart forgets; bounded to `max_clients`
-    addresses, the least recently failing dropped first)."""
+    guessed at network speed. An attempt counts as failed from the moment it starts (so parallel
+    guesses cannot all pass the check while the first is being looked up) and only a successful one
+    is taken back: signing in with a viewer key does not wipe the address's earlier failures. Per
+    replica and in memory (a restart forgets; bounded to `max_clients` addresses, the least recently
+    failing dropped first)."""
 
     def __init__(self, limit: int = 10, window_s: float = 300.0, max_clients: int = 10_000):
         self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
@@ -176,15 +179,18 @@ class SignInThrottle:
             return None
         return q[0] + self.window_s - now if len(q) >= self.limit else None
 
-    def failed(self, client: str, now: float) -> None:
+    def attempt(self, client: str, now: float) -> None:
+        """An attempt begins: counted as a failure unless `succeeded(client, now)` takes it back."""
         q = self._fails.pop(client, None) or deque(maxlen=self.limit)
         q.append(now)
         self._fails[client] = q  # most recent last
         while len(self._fails) > self.max_clients:
             self._fails.popitem(last=False)
 
-    def succeeded(self, client: str) -> None:
-        self._fails.pop(client, None)
+    def succeeded(self, client: str, now: float) -> None:
+        q = self._fails.get(client)
+        if q is not None and now in q:
+            q.remove(now)
 
 
 def cookie(name: str, value: str, max_age: int, secure: bool) -> bytes:
