@@ -54,6 +54,9 @@
       }
       if (d.dashed) { out.borderDash = [6, 4]; }
       if (d.flat) { out.borderWidth = 1.5; }
+      if ((d.flat || d.dashed) && spec.labels && spec.labels.length === 1) {  // one bucket: no line to draw
+        out.pointRadius = 12; out.pointStyle = "line"; out.borderWidth = 2;
+      }
       if (d.band === "low") { out.borderWidth = 0; out.pointRadius = 0; out.fill = false; }
       if (d.band === "high") { out.borderWidth = 0; out.pointRadius = 0; out.fill = "-1"; out.backgroundColor = "rgba(37, 99, 235, 0.15)"; }
       return out;
@@ -78,9 +81,20 @@
       var tick = spec.money ? moneyTick : fmt;
       var value = {beginAtZero: !spec.log, stacked: !!spec.stacked, ticks: {callback: function (v) { return tick(v); }},
                    grid: {color: "#eef2f7"}};
-      if (spec.log) { value.type = "logarithmic"; }
+      if (spec.log) {
+        value.type = "logarithmic";
+        // Whole decades around every value (baselines included), so no point sits on an edge or
+        // beyond it: a $3 human baseline and a $0.00008 agent run both stay in sight.
+        var vals = [];
+        spec.datasets.forEach(function (d) { d.data.forEach(function (v) { if (v > 0) { vals.push(v); } }); });
+        if (vals.length) {
+          value.min = Math.pow(10, Math.floor(Math.log10(Math.min.apply(null, vals)) - 1e-9));
+          value.max = Math.pow(10, Math.ceil(Math.log10(Math.max.apply(null, vals)) + 1e-9));
+        }
+      }
       if (spec.ymax) { value.max = spec.ymax; }
-      var cat = {stacked: !!spec.stacked, grid: {display: false}, ticks: {autoSkip: true, maxRotation: 0}};
+      var cat = {stacked: !!spec.stacked, grid: {display: false}, ticks: {autoSkip: true, maxRotation: 0},
+                 offset: spec.type === "bar" || (spec.labels || []).length === 1};  // one bucket: centred
       o.scales = spec.horizontal ? {x: value, y: cat} : {x: cat, y: value};
       if (spec.horizontal) { o.indexAxis = "y"; }
     }
