@@ -96,6 +96,7 @@ def test_replica_killed_mid_stream(kill_cluster: Cluster) -> None:
     assert all(s.startswith("cut") for s in r["streams"]), r
     assert r["server_errors_after_kill"] == 0, r  # nginx sends new requests to the survivor
     assert r["journal_recovered"] >= 20, r  # events queued in the killed process came back from its journal
+    assert r["cut_streams_in_ledger"] == len(r["streams"]), r  # calls in flight at the kill: one event each
     assert r["ledger"]["lost"] == 0 and r["ledger"]["duplicated"] == 0, r
     # The dead replica's reservations lapse (provider timeout 2 s + grace 5 s): nothing stays held.
     assert r["released_after_s"] is not None and Decimal(r["reserved_final"]) == 0, r
@@ -156,6 +157,68 @@ def test_events_queued_in_a_killed_writer_are_replayed_from_its_journal(tmp_path
     n, recovered = asyncio.run(restart())
     assert (n, recovered) == (300, 300)
     assert not list(spool.glob("journal-*.jsonl")) and not list(spool.glob("journal-*.lock"))
+
+
+_KILLED_IN_FLIGHT = """
+import asyncio, dataclasses, os, signal, sys
+from datetime import UTC, datetime
+from margin.domain import Attribution, Event
+from margin.ledger import LedgerWriter, Spool, open_store
+
+def ev(i, status=200):
+    now = datetime.now(UTC)
+    return Event(event_id=f"0190d6a2-0000-7000-8000-{i:012d}", ts_start=now, ts_end=now, request_id=str(i),
+                 endpoint="chat", attribution=Attribution(team="t"), requested_model="m", status=status)
+
+async def main(url, spool):
+    store = open_store(url)
+    await store.open()
+    w = LedgerWriter(store, Spool(spool), flush_interval_s=0.01)  # rows reach the store at once
+    await w.start()
+    w.begin(dataclasses.replace(ev(1), status=500, error_type="replica_lost"))  # still in flight at the kill
+    for i in range(100, 400):
+        w.append(ev(i))
+    w.begin(dataclasses.replace(ev(2), status=500, error_type="replica_lost"))
+    w.append(ev(2))  # this one finished: its own row follows the provisional one
+    await asyncio.sleep(1.0)  # everything appended is stored; the journal must still hold event 1
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_call_in_flight_when_the_process_dies_is_in_the_ledger(tmp_path: Path) -> None:
+    """The provider may bill a call the gateway never saw end: its provisional row comes back."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+
+    from margin.ledger import LedgerWriter, Spool, open_store
+
+    url, spool = f"sqlite:///{tmp_path}/ledger.db", tmp_path / "spool"
+    p = subprocess.run([sys.executable, "-c", _KILLED_IN_FLIGHT, url, str(spool)], timeout=60)
+    assert p.returncode == -signal.SIGKILL
+
+    async def restart() -> dict[str, dict[str, object]]:
+        store = open_store(url)
+        await store.open()
+        assert await store.count_events() == 301  # the finished calls were stored before the kill
+        w = LedgerWriter(store, Spool(spool), flush_interval_s=0.01, retry_interval_s=0.1)
+        await w.start()
+        for _ in range(100):
+            if await store.count_events() >= 302:
+                break
+            await asyncio.sleep(0.05)
+        await w.close()
+        rows = {r["request_id"]: r for r in await store.fetch_events()}
+        await store.close()
+        return rows
+
+    rows = asyncio.run(restart())
+    assert len(rows) == 302
+    assert (rows["1"]["status"], rows["1"]["error_type"]) == (500, "replica_lost")  # cut by the death
+    assert (rows["2"]["status"], rows["2"]["error_type"]) == (200, None)  # finished: its own row stands
 
 
 def test_racing_rebuilds_count_the_ledger_once_and_restore_in_flight_reservations(tmp_path: Path) -> None:

@@ -239,12 +239,14 @@ def replica_kill(c: Cluster, victim: int, rps: float, duration_s: float, kill_at
                          "messages": [{"role": "user", "content": "tell me a long story"}]})
     started = threading.Barrier(streams + 1, timeout=30)
     stream_outcome: list[str] = []
+    cut = _prefix("kill-stream")
 
-    def slow_stream() -> None:
+    def slow_stream(i: int) -> None:
         try:
             with httpx.stream("POST", r.url + "/v1/chat/completions", content=body, timeout=120,
                               headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                                       "X-Mock-Tokens-Per-S": "5", "X-Mock-Output-Tokens": "200"}) as resp:
+                                       "X-Request-Id": f"{cut}-{i}", "X-Mock-Tokens-Per-S": "5",
+                                       "X-Mock-Output-Tokens": "200"}) as resp:
                 it = resp.iter_lines()
                 next(it)
                 started.wait()
@@ -253,7 +255,7 @@ def replica_kill(c: Cluster, victim: int, rps: float, duration_s: float, kill_at
         except (httpx.HTTPError, threading.BrokenBarrierError) as e:
             stream_outcome.append(f"cut ({type(e).__name__})")
 
-    threads = [threading.Thread(target=slow_stream, daemon=True) for _ in range(streams)]
+    threads = [threading.Thread(target=slow_stream, args=(i,), daemon=True) for i in range(streams)]
     for t in threads:
         t.start()
     started.wait()
@@ -285,6 +287,9 @@ def replica_kill(c: Cluster, victim: int, rps: float, duration_s: float, kill_at
     ledger["expected"] += answered.count(200)
     ledger["found"] += direct_found
     ledger["lost"] += answered.count(200) - direct_found
+    # The streams the kill cut never ended in the process: their provisional rows came back from
+    # its journal (status 500, replica_lost, the input cost estimated), one event each.
+    cut_counts = c.ledger_counts(cut + "-")
     t0 = time.monotonic()
     released_after = None
     while time.monotonic() - t0 < wait_release_s:
@@ -299,6 +304,7 @@ def replica_kill(c: Cluster, victim: int, rps: float, duration_s: float, kill_at
         "statuses": run.summary()["statuses"],
         "server_errors_after_kill": sum(1 for x in after_kill if x.status >= 500 or x.status == 0),
         "in_ledger_before_restart": in_ledger_before_restart, "journal_recovered": recovered,
+        "cut_streams_in_ledger": sum(1 for n in cut_counts.values() if n == 1),
         "released_after_s": released_after, "reserved_final": final["reserved"], "spent_final": final["spent"],
         "ledger": ledger,
     }

@@ -1,14 +1,18 @@
 """What the pipeline needs to know about a call's payload and an upstream's failure: token
-estimates, required capabilities, and the mapping of upstream errors to client errors."""
+estimates, required capabilities, the mapping of upstream errors to client errors, and the event a
+call leaves if the process dies during it."""
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from margin.domain import Endpoint
+from margin.domain import Endpoint, Event, Usage
 from margin.gateway.errors import UpstreamFailed
+from margin.pricing import PriceBook
 from margin.pricing.tokens import count_messages, count_prompt, count_text
 from margin.providers.base import UpstreamConnectionError, UpstreamError, UpstreamTimeout
 
@@ -89,3 +93,13 @@ def prompt_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
         return ""
     p = payload.get("prompt") if endpoint == "completion" else payload.get("input")
     return p if isinstance(p, str) else " ".join(x for x in p or () if isinstance(x, str))
+
+
+def in_flight(ev: Event, endpoint: Endpoint, model: str, payload: dict[str, Any], prices: PriceBook) -> Event:
+    """What the ledger keeps if the process dies during the call: the provider may bill it, so it
+    must not vanish (ledger/writer.py journals it and replays it only after such a death)."""
+    usage = Usage(input_tokens=estimate_input(endpoint, payload), source="estimated")
+    return dataclasses.replace(ev, status=500, error_type="replica_lost", usage=usage,
+                               cost=prices.cost(model, usage), ts_end=datetime.now(UTC),
+                               actions=[*ev.actions, {"action": "replica_lost", "note": "the gateway process "
+                                        "ended during the call; input cost estimated, output unknown"}])

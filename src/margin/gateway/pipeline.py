@@ -21,7 +21,7 @@ from margin.gateway import levers
 from margin.gateway.auth import KeyRing, RevokedKey, require_caller
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
-from margin.gateway.calls import estimate_input, output_text, tool_calls_in, upstream_error
+from margin.gateway.calls import estimate_input, in_flight, output_text, tool_calls_in, upstream_error
 from margin.gateway.compression import CompressLever
 from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
@@ -260,6 +260,7 @@ class Pipeline:
             if call.endpoint == "chat" and call.requested_model in self.compression.routes:
                 await self.compression.apply(call, decision, payload, upstream_payload, ev)
             self.breakers.before_call(decision.provider)
+            self.writer.begin(in_flight(ev, call.endpoint, decision.model, payload, self.prices))
             if call.stream:
                 upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out,
                                                 store, sem)

@@ -10,7 +10,15 @@ is also written to a journal file as it is queued: a plain write(2), no fsync, w
 microseconds and survives the death of the process (the kernel owns the page cache), though not
 of the machine. Journal segments are deleted once their rows are stored or spooled; at start a
 writer moves the segments of dead writers (their flock is free) into the spool, and the spool's
-idempotent replay does the rest."""
+idempotent replay does the rest.
+
+A call in flight when the process dies has no event yet, though the provider may bill it. So just
+before a call goes upstream the gateway journals a provisional row for it (`begin`: status 500,
+`replica_lost`, the estimated input cost), which only the journal holds; the call's real row, when
+it comes, is journaled after it under the same event id. Recovery keeps the last row per event id,
+so a finished call replays as itself and a call cut by the death replays as the provisional row:
+no call that reached a provider is missing from the ledger. While a provisional row is open, the
+segments holding it are kept."""
 
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ class Journal:
     guarded by `journal-<owner>.lock` (flock held for the writer's life)."""
 
     SEGMENT_ROWS = 4096
+    OPEN_MAX_S = 3600.0  # a provisional row older than this is let go (no call runs that long)
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -53,6 +62,7 @@ class Journal:
         self._sealed: list[tuple[int, Path]] = []  # (last seq in it, path)
         self._path = self._segment(0)
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._open: dict[str, tuple[int, float]] = {}  # event id -> (seq, monotonic time) of its provisional row
 
     def _segment(self, n: int) -> Path:
         return self.dir / f"journal-{self.owner}-{n:06d}.jsonl"
@@ -73,8 +83,29 @@ class Journal:
             self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         return self.seq
 
+    def begin(self, row: Row) -> None:
+        """A provisional row for a call going upstream: journal-only, kept until `end(event_id)`."""
+        self._open[str(row["event_id"])] = (self.write(row), time.monotonic())
+
+    def end(self, event_id: str) -> None:
+        """The call's own row is journaled (after the provisional one): the provisional may go."""
+        self._open.pop(event_id, None)
+
+    def _keep_from(self) -> int | None:
+        """The oldest seq still needed by an open provisional row."""
+        if not self._open:
+            return None
+        too_old = time.monotonic() - self.OPEN_MAX_S
+        for k in [k for k, (_, t) in self._open.items() if t < too_old]:
+            del self._open[k]
+        return min((q for q, _ in self._open.values()), default=None)
+
     def handled(self, seq: int) -> None:
-        """Every row up to `seq` is in the store or the spool: drop the segments holding only those."""
+        """Every row up to `seq` is in the store or the spool: drop the segments holding only those
+        (never one an open provisional row is in)."""
+        keep = self._keep_from()
+        if keep is not None:
+            seq = min(seq, keep - 1)
         while self._sealed and self._sealed[0][0] <= seq:
             with contextlib.suppress(OSError):
                 self._sealed.pop(0)[1].unlink()
@@ -105,10 +136,18 @@ class Journal:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live writer (another process sharing this directory)
-                for seg in sorted(directory.glob(f"journal-{owner}-*.jsonl")):
+                segments = sorted(directory.glob(f"journal-{owner}-*.jsonl"))
+                last: dict[str, Row] = {}  # the newest row per event id: a call's own row over its provisional
+                for seg in segments:
                     for rows in Spool.read(seg):
-                        spool.append(rows)  # fsync'd before the segment goes
-                        moved += len(rows)
+                        for row in rows:
+                            last.pop(str(row.get("event_id")), None)
+                            last[str(row.get("event_id"))] = row
+                rows = list(last.values())
+                for i in range(0, len(rows), 1000):
+                    spool.append(rows[i:i + 1000])  # fsync'd before the segments go
+                moved += len(rows)
+                for seg in segments:
                     seg.unlink()
                 lock.unlink(missing_ok=True)
             finally:
@@ -166,6 +205,8 @@ class LedgerWriter:
         # The row is taken now (the journal needs it); only `actions` may still grow afterwards
         # (settlement notes an overrun), so the writer refreshes that one field when it writes.
         row = event_to_row(event)
+        if self._q.full() and self.journal is not None:
+            self.journal.end(event.event_id)  # spooled (fsync) below: the provisional row may go
         if self._q.full():
             # Overload: the request pays an fsync rather than the ledger losing a row.
             self.stats.overflowed += 1
@@ -176,8 +217,20 @@ class LedgerWriter:
             except OSError:
                 self._unsaved.append(row)
             return
-        seq = self.journal.write(row) if self.journal is not None else 0
+        seq = 0
+        if self.journal is not None:
+            seq = self.journal.write(row)
+            self.journal.end(event.event_id)
         self._q.put_nowait((seq, row, event))
+
+    def begin(self, provisional: Event) -> None:
+        """Journal what a call in flight would leave in the ledger if this process died before it
+        ends (see the module docstring); nothing reaches the store unless that happens."""
+        if self.journal is not None:
+            try:
+                self.journal.begin(event_to_row(provisional))
+            except OSError:
+                self.journal.errors += 1
 
     @property
     def queued(self) -> int:
