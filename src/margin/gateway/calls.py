@@ -95,7 +95,7 @@ def prompt_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
     return p if isinstance(p, str) else " ".join(x for x in p or () if isinstance(x, str))
 
 
-def in_flight(ev: Event, endpoint: Endpoint, model: str, payload: dict[str, Any], prices: PriceBook) -> Event:
+def lost_call(ev: Event, endpoint: Endpoint, model: str, payload: dict[str, Any], prices: PriceBook) -> Event:
     """What the ledger keeps if the process dies during the call: the provider may bill it, so it
     must not vanish (ledger/writer.py journals it and replays it only after such a death)."""
     usage = Usage(input_tokens=estimate_input(endpoint, payload), source="estimated")

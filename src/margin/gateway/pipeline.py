@@ -21,7 +21,7 @@ from margin.gateway import levers
 from margin.gateway.auth import KeyRing, RevokedKey, require_caller
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
-from margin.gateway.calls import estimate_input, in_flight, output_text, tool_calls_in, upstream_error
+from margin.gateway.calls import estimate_input, lost_call, output_text, tool_calls_in, upstream_error
 from margin.gateway.compression import CompressLever
 from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
@@ -139,7 +139,9 @@ class Pipeline:
                 return
             decision = self.router.decide(call, payload, key.models)
             handed_off = True
-            await self._attempts(call, decision, payload, headers, body, ev, t0, out)
+            # A batch item or deferred job (event_id given) is re-run after a crash under the same
+            # id: the lane's own journal covers it, so no provisional in-flight row for it.
+            await self._attempts(call, decision, payload, headers, body, ev, t0, out, in_flight=event_id is None)
         except GatewayError as e:
             if isinstance(e, RevokedKey):
                 ev.attribution = e.key.attribution()
@@ -171,7 +173,8 @@ class Pipeline:
                 self._record(*held)
 
     async def _attempts(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
-                        headers: dict[str, str], body: bytes, first: Event, t0: float, out: Out) -> None:
+                        headers: dict[str, str], body: bytes, first: Event, t0: float, out: Out,
+                        in_flight: bool = True) -> None:
         """The chosen model, retried on transient failures, then its fallbacks in order."""
         group = self.groups.get(call.requested_model)
         cascading = group is not None and group.strategy == "cascade" and not call.stream
@@ -184,7 +187,8 @@ class Pipeline:
                 if ev is None:
                     ev, t0 = self._follow_up(first), time.perf_counter()
                 try:
-                    await self._attempt(call, d, payload, headers, body, ev, t0, out, verify, hold_deferral=True)
+                    await self._attempt(call, d, payload, headers, body, ev, t0, out, verify, hold_deferral=True,
+                                        in_flight=in_flight)
                     return
                 except Escalate as e:
                     ev = None
@@ -230,9 +234,11 @@ class Pipeline:
 
     async def _attempt(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                        headers: dict[str, str], body: bytes, ev: Event, t0: float, out: Out,
-                       verify: route.Group | None = None, hold_deferral: bool = False) -> None:
+                       verify: route.Group | None = None, hold_deferral: bool = False,
+                       in_flight: bool = True) -> None:
         """One call to one model. `hold_deferral`: a budget's defer refusal leaves its event for
-        handle() to record once the batch lane has answered (side calls record their own)."""
+        handle() to record once the batch lane has answered (side calls record their own).
+        `in_flight`: journal a provisional row in case the process dies during the call."""
         admission: Admission | None = None
         upstream_s: float | None = None
         held = False
@@ -260,7 +266,8 @@ class Pipeline:
             if call.endpoint == "chat" and call.requested_model in self.compression.routes:
                 await self.compression.apply(call, decision, payload, upstream_payload, ev)
             self.breakers.before_call(decision.provider)
-            self.writer.begin(in_flight(ev, call.endpoint, decision.model, payload, self.prices))
+            if in_flight:
+                self.writer.begin(lost_call(ev, call.endpoint, decision.model, payload, self.prices))
             if call.stream:
                 upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out,
                                                 store, sem)
