@@ -54,10 +54,13 @@ async def _run_counters(store: Any, guard: BudgetGuard, now: datetime) -> list[t
     """Every call of each run whose counters may still be alive (a run can outlast any window, and
     its counters live as long as it keeps calling)."""
     horizon = now - timedelta(seconds=max(c.ttl_s for c in guard.run_caps) + policy.COUNTER_SLACK_S)
-    runs = sorted({r["run_id"] for r in await store.fetch_events(since=horizon, runs_only=True) if r.get("run_id")})
+    recent: dict[str, list[dict[str, Any]]] = {}
+    for r in await store.fetch_events(since=horizon, runs_only=True):
+        recent.setdefault(r["run_id"], []).append(r)
     calls: list[agents.RunCall] = []
-    for run_id in runs:
-        calls.extend(c for r in await store.fetch_events(run_id=run_id) if (c := _run_call(r)) is not None)
+    for run_id, rows in sorted(recent.items()):
+        older = await store.fetch_events(until=horizon, run_id=run_id)  # only a run begun before the horizon has any
+        calls.extend(c for r in [*older, *rows] if (c := _run_call(r)) is not None)
     return agents.recovered(guard.run_caps, calls, now.timestamp())
 
 

@@ -205,8 +205,8 @@ class LedgerWriter:
         # The row is taken now (the journal needs it); only `actions` may still grow afterwards
         # (settlement notes an overrun), so the writer refreshes that one field when it writes.
         row = event_to_row(event)
-        if self._q.full() and self.journal is not None:
-            self.journal.end(event.event_id)  # spooled (fsync) below: the provisional row may go
+        if self.journal is not None:  # the call's own row is journaled or spooled below
+            self.journal.end(event.event_id)  # so its provisional row may go
         if self._q.full():
             # Overload: the request pays an fsync rather than the ledger losing a row.
             self.stats.overflowed += 1
@@ -217,10 +217,7 @@ class LedgerWriter:
             except OSError:
                 self._unsaved.append(row)
             return
-        seq = 0
-        if self.journal is not None:
-            seq = self.journal.write(row)
-            self.journal.end(event.event_id)
+        seq = self.journal.write(row) if self.journal is not None else 0
         self._q.put_nowait((seq, row, event))
 
     def begin(self, provisional: Event) -> None:
