@@ -86,7 +86,7 @@ def test_recovered_counters_from_the_ledger() -> None:
         "run:c:usd:r1": (100_000_001, 500_000_000, "usd", now - 50 + 3600 + 86400),
         "run:c:calls:r1": (2, 5, "calls", now - 50 + 3600),
         "run:c:tools:r1": (2, 9, "calls", now - 50 + 3600),
-    }  # the wall-time cap counts nothing the ledger could restore
+    }  # the wall-time cap has no counter: its clock is recovered_starts' (below)
     # A long run: a counter lives while the run keeps calling, however long ago it began...
     steady = [agents.RunCall("r3", triage, now - 3000 * i, Decimal("0.01"), 1) for i in range(10)]
     got = {h.key: units for h, units in agents.recovered(caps, steady, now)}
@@ -99,12 +99,34 @@ def test_recovered_counters_from_the_ledger() -> None:
     # a run whose counters have all expired is left out
     over = [agents.RunCall("r5", triage, now - 100_000, Decimal("0.01"), 1)]
     assert agents.recovered(caps, over, now) == []
+    # a call refused at admission took nothing from the counters
+    refused = [*calls[:1], agents.RunCall("r1", triage, now - 20, Decimal(0), 0, admitted=False)]
+    assert {h.key: u for h, u in agents.recovered(caps, refused, now)}["run:c:calls:r1"] == 1
+
+
+def test_recovered_wall_clocks_from_the_ledger() -> None:
+    """A run's clock started at its first call (admitted or not) and restarts after a pause longer than
+    ttl_s, as `first_seen` holds it live."""
+    wall = RunCap("w", scope=(("workflow", "triage"),), max_wall_s=60, ttl_s=600)
+    now = NOW.timestamp()
+    triage = {"workflow": "triage"}
+    calls = [agents.RunCall("r1", triage, now - 500, Decimal(0), 0, admitted=False),
+             agents.RunCall("r1", triage, now - 100, Decimal("0.1"), 0),
+             agents.RunCall("r2", triage, now - 2000, Decimal("0.1"), 0),  # r2 paused > ttl_s, then went on
+             agents.RunCall("r2", triage, now - 30, Decimal("0.1"), 0),
+             agents.RunCall("r3", triage, now - 700, Decimal("0.1"), 0),  # r3's clock has expired
+             agents.RunCall("r4", {"workflow": "other"}, now - 10, Decimal("0.1"), 0)]  # no cap covers it
+    assert sorted(agents.recovered_starts([wall], calls, now)) == [
+        ("run:w:start:r1", now - 500, now - 100 + 600), ("run:w:start:r2", now - 30, now - 30 + 600)]
+    assert agents.recovered_starts([RunCap("c", max_calls=3)], calls, now) == []  # no wall-time limit
 
 
 def test_a_restart_does_not_give_a_run_its_caps_anew(mock_upstream: Mock, tmp_path: Path) -> None:
-    """In-memory counters start empty; the gateway sums running agents' calls and dollars from the ledger."""
+    """In-memory counters start empty; the gateway sums running agents' calls and dollars from the
+    ledger, and a run's wall-time clock keeps its first call's time."""
     caps = [{"id": "triage", "scope": {"workflow": "triage"}, "max_calls": 4},
-            {"id": "pricey", "scope": {"workflow": "pricey"}, "max_usd": "0.002"}]
+            {"id": "pricey", "scope": {"workflow": "pricey"}, "max_usd": "0.002"},
+            {"id": "quick", "scope": {"workflow": "quick"}, "max_wall_s": 3.0}]
     cfg = gateway_config(tmp_path, mock_upstream.url, f"sqlite:///{tmp_path}/l.db", run_caps=caps)
     gw = start_gateway(tmp_path, cfg)
     try:
@@ -114,12 +136,17 @@ def test_a_restart_does_not_give_a_run_its_caps_anew(mock_upstream: Mock, tmp_pa
         while (r := _chat(gw, key, "p", f"s{spent}", workflow="pricey", max_tokens=20)).status_code == 200:
             spent += 1
         assert spent >= 1 and _error(r)["param"] == "max_usd"
-        gw.events(expect=3 + spent + 1)  # in the ledger before the restart
+        assert _chat(gw, key, "q", "first", workflow="quick").status_code == 200
+        started = time.monotonic()
+        gw.events(expect=3 + spent + 2)  # in the ledger before the restart
     finally:
         assert gw.proc is not None
         stop(gw.proc)
     gw = start_gateway(tmp_path, cfg)
     try:
+        time.sleep(max(0.0, 3.2 - (time.monotonic() - started)))
+        r = _chat(gw, key, "q", "later", workflow="quick")  # over 3 s since the run's first call, before the restart
+        assert r.status_code == 429 and _error(r)["param"] == "max_wall_s"
         assert [_chat(gw, key, "r", f"t{i}").status_code for i in range(2)] == [200, 429]  # 4 calls in all
         r = _chat(gw, key, "p", "again", workflow="pricey", max_tokens=20)
         assert r.status_code == 429 and _error(r)["param"] == "max_usd"
@@ -282,20 +309,26 @@ def test_run_counters_are_rebuilt_when_redis_loses_them(mock_upstream: Mock, tmp
 
     from tests.test_budgets_redis import REDIS, cluster
 
-    caps = [{"id": "lost", "scope": {"workflow": "triage"}, "max_calls": 4}]
+    caps = [{"id": "lost", "scope": {"workflow": "triage"}, "max_calls": 4},
+            {"id": "quick", "scope": {"workflow": "quick"}, "max_wall_s": 3.0}]
     (gw,) = cluster(tmp_path, mock_upstream, 1, state=REDIS, run_caps=caps)
     r = redis.Redis.from_url(REDIS, socket_timeout=5)
     try:
         key = gw.create_key(team="support")["key"]
         run = f"flushed-{time.time_ns()}"
         assert [_chat(gw, key, run, f"s{i}").status_code for i in range(3)] == [200] * 3
-        gw.events(expect=3)
+        assert _chat(gw, key, run, "first", workflow="quick").status_code == 200
+        started = time.monotonic()
+        gw.events(expect=4)
         r.delete(*r.keys("margin:*"))  # Redis back empty (a restart without persistence)
         deadline = time.monotonic() + 20
         while not r.exists("margin:ready"):  # the reconciler rebuilds the counters from the ledger
             assert time.monotonic() < deadline, "counters not rebuilt"
             time.sleep(0.1)
         assert [_chat(gw, key, run, f"t{i}").status_code for i in range(2)] == [200, 429]  # 4 calls in all
+        time.sleep(max(0.0, 3.2 - (time.monotonic() - started)))
+        r2 = _chat(gw, key, run, "later", workflow="quick")  # the run's clock came back with its first call's time
+        assert r2.status_code == 429 and _error(r2)["param"] == "max_wall_s"
     finally:
         r.close()
         assert gw.proc is not None

@@ -19,8 +19,8 @@ local allowance) until the counters are back. Then, on each replica:
 
 Counting errs towards stricter budgets, never looser: a call that settles between (2) and (4) is
 counted by both its restored reservation and the ledger. Known gaps: events a replica is still
-spooling because the ledger store is down too are not in the sum; rate-limit buckets, runs' loop
-detection and wall-time clocks start afresh (runs' dollars, calls and tool calls are rebuilt). The
+spooling because the ledger store is down too are not in the sum; rate-limit buckets and runs' loop
+detection start afresh (runs' dollars, calls, tool calls and wall-time clocks are rebuilt). The
 same path initialises an empty Redis at first start, so a new Redis never
 starts budgets at zero while the ledger knows better.
 """
@@ -51,21 +51,28 @@ log = logging.getLogger("margin.reconcile")
 
 
 class _Collect:
-    """Stands in for the state in recover_spend: collects (counter, units) instead of adding."""
+    """Stands in for the state in recover_spend: collects (counter, units) and runs' clocks
+    instead of setting them."""
 
     def __init__(self) -> None:
         self.items: list[tuple[Hold, int]] = []
+        self.starts: list[tuple[str, float, float]] = []
 
     async def add_spent(self, hold: Hold, units: int, now: float) -> None:
         self.items.append((hold, units))
 
+    async def first_seen(self, key: str, now: float, expires_at: float) -> float:
+        self.starts.append((key, now, expires_at))
+        return now
 
-async def ledger_spend(store: Any, guard: BudgetGuard) -> list[tuple[Hold, int]]:
-    """This period's settled spend per budget counter, as start-up recovery computes it."""
+
+async def ledger_spend(store: Any, guard: BudgetGuard) -> _Collect:
+    """This period's settled spend per budget counter, and runs' wall-time clocks, as start-up
+    recovery computes them."""
     collect = _Collect()
     stand_in = SimpleNamespace(budgets=guard.budgets, run_caps=guard.run_caps, state=collect)
     await recover_spend(store, cast(BudgetGuard, stand_in))
-    return collect.items
+    return collect
 
 
 class Reconciler:
@@ -125,12 +132,15 @@ class Reconciler:
             self.restored += await self.state.restore_inflight(time.time())
             await self.state.retry_unsettled()
             return False
-        spend = await ledger_spend(self.store, self.guard)
+        found = await ledger_spend(self.store, self.guard)
         token = f"{datetime.now(UTC).isoformat()} {self._who}"
-        done = await self.state.rebuild(spend, time.time(), token)
+        done = await self.state.rebuild(found.items, time.time(), token)
         if done:
             self.rebuilds += 1
-            log.warning("budget counters rebuilt from the ledger: %d counters", len(spend))
+            for key, start, expires_at in found.starts:  # first writer wins: a clock set since is kept
+                await self.state.first_seen(key, start, expires_at)
+            log.warning("budget counters rebuilt from the ledger: %d counters, %d run clocks",
+                        len(found.items), len(found.starts))
         await self.state.retry_unsettled()
         return done
 

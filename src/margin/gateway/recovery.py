@@ -1,5 +1,6 @@
-"""Budget and run-cap counters summed from the ledger: for in-memory state at start-up, and for a
-Redis that came back empty (gateway/reconcile.py). Counting errs towards the strict side."""
+"""Budget and run-cap counters (and runs' wall-time clocks) summed from the ledger: for in-memory
+state at start-up, and for a Redis that came back empty (gateway/reconcile.py). Counting errs
+towards the strict side."""
 
 from __future__ import annotations
 
@@ -42,15 +43,15 @@ def _budget_spend(rows: list[dict[str, Any]], guard: BudgetGuard, now: datetime)
 
 
 def _run_call(r: dict[str, Any]) -> agents.RunCall | None:
-    """A ledger event as a call its run's counters took, or None if admission took nothing for it."""
-    if (not r.get("run_id") or not r.get("model") or r.get("error_type") in agents.REFUSED_AT_ADMISSION
-            or r.get("status") == 202):
+    """A ledger event as a call of its run (`admitted` False if admission took nothing for it)."""
+    if not r.get("run_id") or not r.get("model") or r.get("status") == 202:
         return None  # 202: queued by the batch lane; its run is another event
     return agents.RunCall(r["run_id"], _dims(r), datetime.fromisoformat(r["ts_start"]).timestamp(),
-                          Decimal(r.get("cost_usd") or 0), int(r.get("tool_calls") or 0))
+                          Decimal(r.get("cost_usd") or 0), int(r.get("tool_calls") or 0),
+                          r.get("error_type") not in agents.REFUSED_AT_ADMISSION)
 
 
-async def _run_counters(store: Any, guard: BudgetGuard, now: datetime) -> list[tuple[Hold, int]]:
+async def _run_calls(store: Any, guard: BudgetGuard, now: datetime) -> list[agents.RunCall]:
     """Every call of each run whose counters may still be alive (a run can outlast any window, and
     its counters live as long as it keeps calling)."""
     horizon = now - timedelta(seconds=max(c.ttl_s for c in guard.run_caps) + policy.COUNTER_SLACK_S)
@@ -61,7 +62,7 @@ async def _run_counters(store: Any, guard: BudgetGuard, now: datetime) -> list[t
     for run_id, rows in sorted(recent.items()):
         older = await store.fetch_events(until=horizon, run_id=run_id)  # only a run begun before the horizon has any
         calls.extend(c for r in [*older, *rows] if (c := _run_call(r)) is not None)
-    return agents.recovered(guard.run_caps, calls, now.timestamp())
+    return calls
 
 
 async def recover_spend(store: Any, guard: BudgetGuard) -> int:
@@ -73,8 +74,13 @@ async def recover_spend(store: Any, guard: BudgetGuard) -> int:
     if guard.budgets:
         rows = await store.fetch_events(since=min(policy.window(b, now)[0] for b in guard.budgets))
         items, n = _budget_spend(rows, guard, now), len(rows)
+    starts: list[tuple[str, float, float]] = []
     if guard.run_caps:
-        items += await _run_counters(store, guard, now)
+        calls = await _run_calls(store, guard, now)
+        items += agents.recovered(guard.run_caps, calls, now.timestamp())
+        starts = agents.recovered_starts(guard.run_caps, calls, now.timestamp())
     for hold, units in items:
         await guard.state.add_spent(hold, units, now.timestamp())
+    for k, start, expires_at in starts:  # a clock already set since (a call raced the rebuild) is kept
+        await guard.state.first_seen(k, start, expires_at)
     return n

@@ -148,6 +148,7 @@ class RunCall:
     ts: float  # epoch seconds the call started
     cost_usd: Decimal
     tool_calls: int
+    admitted: bool = True  # False: refused at admission; it took nothing but did start the run's clock
 
 
 def recovered(caps: Sequence[RunCap], calls: Sequence[RunCall], now: float) -> list[tuple[Hold, int]]:
@@ -155,9 +156,12 @@ def recovered(caps: Sequence[RunCap], calls: Sequence[RunCall], now: float) -> l
     what a fresh state (a restart, or Redis back empty) needs so a running agent does not get its cap
     anew. A live counter expires `span` after its run's last call (ttl_s; a dollar cap keeps its
     counter COUNTER_SLACK_S longer) and a call after that starts it again, so each counter sums the
-    calls since the last such gap. Loop-detection hashes and the wall-time clock are not in the ledger."""
+    calls since the last such gap. Loop-detection hashes are not in the ledger (see `recovered_starts`
+    for the wall-time clock)."""
     series: dict[str, tuple[RunCap, str, str, list[tuple[float, int]]]] = {}
     for c in calls:
+        if not c.admitted:
+            continue
         for cap in applicable(caps, c.dims, c.run_id):
             for what, units, on in (("usd", to_units(c.cost_usd, "usd"), cap.max_usd is not None),
                                     ("calls", 1, cap.max_calls is not None),
@@ -180,4 +184,25 @@ def recovered(caps: Sequence[RunCap], calls: Sequence[RunCall], now: float) -> l
         else:
             hold = tool_counter(cap, run_id, last + span)
         out.append((hold, total))
+    return out
+
+
+def recovered_starts(caps: Sequence[RunCap], calls: Sequence[RunCall], now: float) -> list[tuple[str, float, float]]:
+    """The wall-time clocks the ledger implies, as `State.first_seen` holds them: (key, the run's start,
+    expiry) for each run still alive under a cap with max_wall_s. Live, the clock starts at a run's
+    first call and lives ttl_s past its latest one, so a run that paused longer starts a new clock."""
+    runs: dict[str, tuple[RunCap, list[float]]] = {}
+    for c in calls:
+        for cap in applicable(caps, c.dims, c.run_id):
+            if cap.max_wall_s is not None:
+                runs.setdefault(key(cap, "start", c.run_id), (cap, []))[1].append(c.ts)
+    out: list[tuple[str, float, float]] = []
+    for k, (cap, times) in runs.items():
+        start, last = float("-inf"), float("-inf")
+        for ts in sorted(times):
+            if ts >= last + cap.ttl_s:
+                start = ts  # the clock had expired: this call started it again
+            last = ts
+        if last + cap.ttl_s > now:
+            out.append((k, start, last + cap.ttl_s))
     return out

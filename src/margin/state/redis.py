@@ -245,7 +245,7 @@ class RedisState:
         try:
             old = await self._redis.set(name, repr(now), nx=True, get=True, pxat=at)
             if old is not None:
-                await self._redis.pexpireat(name, at)  # a run that is still active stays alive
+                await self._redis.pexpireat(name, at, gt=True)  # an active run stays alive; never shortened
         except _UNAVAILABLE as e:
             raise StateUnavailable(f"Redis at {self._where} unavailable during first_seen: {e}") from e
         return float(old) if old is not None else now
