@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,13 +243,13 @@ def gateway_config(tmp: Path, mock_url: str, ledger_url: str, **extra: Any) -> d
     return cfg
 
 
-def start_gateway(tmp: Path, cfg: dict[str, Any], port: int | None = None) -> Gateway:
+def start_gateway(tmp: Path, cfg: dict[str, Any], port: int | None = None, args: Sequence[str] = ()) -> Gateway:
     port = port or free_port()
     path = tmp / "margin.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(
-        [PY, "-m", "margin.cli.main", "serve", "--config", str(path), "--port", str(port)],
+        [PY, "-m", "margin.cli.main", "serve", "--config", str(path), "--port", str(port), *args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

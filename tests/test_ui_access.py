@@ -23,7 +23,7 @@ from margin.ui import budgets as bud
 from margin.ui import data, fmt
 from margin.ui.params import buckets, parse_view
 from margin.ui.session import Session, Signer, SignInThrottle, sign_in
-from tests.conftest import Gateway, Mock, stop
+from tests.conftest import Gateway, Mock, gateway_config, start_gateway, stop
 
 ADMIN = "test-admin-key"
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -299,6 +299,34 @@ def test_http_sign_in_is_throttled_after_repeated_failures(gateway: Gateway) -> 
         c3.post("/ui/login", data={"key": key, "csrf": _csrf(page.text)})
     page = c3.get("/ui/login")
     assert c3.post("/ui/login", data={"key": ADMIN, "csrf": _csrf(page.text)}).status_code == 429
+
+
+def test_sign_in_throttle_behind_a_trusted_proxy(mock_upstream: Mock, tmp_path: Path) -> None:
+    """Behind a proxy the gateway trusts (--forwarded-allow-ips), a guesser is held back by its own
+    X-Forwarded-For address, not the proxy's; a peer that is not a trusted proxy cannot claim one."""
+    gw = start_gateway(tmp_path, gateway_config(tmp_path, mock_upstream.url, f"sqlite:///{tmp_path}/l.db"),
+                       args=["--forwarded-allow-ips", "127.0.0.4"])
+
+    def tries(peer: str, forwarded_for: str, keys: list[str]) -> list[int]:
+        c = httpx.Client(base_url=gw.url, follow_redirects=False, timeout=30,
+                         headers={"X-Forwarded-For": forwarded_for},
+                         transport=httpx.HTTPTransport(local_address=peer))
+        codes = []
+        for key in keys:
+            page = c.get("/ui/login")
+            codes.append(c.post("/ui/login", data={"key": key, "csrf": _csrf(page.text)}).status_code)
+        return codes
+
+    try:
+        admin = gw.admin_key
+        assert tries("127.0.0.4", "203.0.113.7", ["mk-guess"] * 10 + [admin]) == [401] * 10 + [429]
+        assert tries("127.0.0.4", "203.0.113.8", [admin]) == [303]  # another user through the same proxy
+        # a direct peer's header is not believed: its guesses are its own, the user it names is not held back
+        assert tries("127.0.0.2", "203.0.113.8", ["mk-guess"] * 10 + [admin]) == [401] * 10 + [429]
+        assert tries("127.0.0.4", "203.0.113.8", [admin]) == [303]
+    finally:
+        assert gw.proc is not None
+        stop(gw.proc)
 
 
 def test_http_forms_need_csrf_and_same_origin(gateway: Gateway) -> None:

@@ -64,6 +64,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
     port: int = typer.Option(4000, help="Port"),
     log_level: str = typer.Option("warning", help="uvicorn log level"),
+    forwarded_allow_ips: str = typer.Option(
+        "127.0.0.1", envvar="FORWARDED_ALLOW_IPS",
+        help="Comma-separated addresses/CIDRs of reverse proxies trusted to set X-Forwarded-For/-Proto "
+             "(the client address the sign-in throttle and logs see); '*' trusts every peer"),
 ) -> None:
     """Run the gateway (OpenAI-compatible) on uvicorn with uvloop and httptools."""
     import uvicorn
@@ -80,7 +84,8 @@ def serve(
     console.print(f"margin {__version__} serving on http://{host}:{port}/v1 "
                   f"(ledger {cfg.ledger.url}, {len(cfg.models)} models)", highlight=False)
     uvicorn.run(application, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_level=log_level, timeout_graceful_shutdown=30)
+                access_log=False, log_level=log_level, timeout_graceful_shutdown=30,
+                proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips)
 
 
 def _register_mock() -> None:
