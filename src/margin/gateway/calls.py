@@ -10,11 +10,14 @@ from typing import Any
 
 import orjson
 
-from margin.domain import Endpoint, Event, Usage
+from margin.config import RetryConfig
+from margin.domain import Endpoint, Event, RouteDecision, Usage
 from margin.gateway.errors import UpstreamFailed
+from margin.gateway.stream import Relayed
 from margin.pricing import PriceBook
 from margin.pricing.tokens import count_messages, count_prompt, count_text
 from margin.providers.base import UpstreamConnectionError, UpstreamError, UpstreamTimeout
+from margin.providers.usage import parse_usage
 
 
 def upstream_error(e: Exception) -> UpstreamFailed:
@@ -103,3 +106,35 @@ def lost_call(ev: Event, endpoint: Endpoint, model: str, payload: dict[str, Any]
                                cost=prices.cost(model, usage), ts_end=datetime.now(UTC),
                                actions=[*ev.actions, {"action": "replica_lost", "note": "the gateway process "
                                         "ended during the call; input cost estimated, output unknown"}])
+
+
+def backoff_s(retry: RetryConfig, attempt: int, retry_after_s: float | None) -> float | None:
+    """Seconds to wait before retry number `attempt` + 1, or None if the upstream asks for longer
+    than we are willing to wait."""
+    wait: float = min(retry.max_backoff_ms, retry.backoff_ms * 2**attempt) / 1000
+    if retry_after_s is not None:
+        if retry_after_s * 1000 > retry.max_backoff_ms:
+            return None
+        wait = max(wait, retry_after_s)  # honour the upstream's Retry-After
+    return wait
+
+
+def route_headers(ev: Event, decision: RouteDecision) -> list[tuple[bytes, bytes]]:
+    h = [(b"x-margin-route", f"{decision.model} via {decision.provider} ({decision.reason})".encode()),
+         (b"x-margin-request-id", ev.request_id.encode()), (b"x-margin-event-id", ev.event_id.encode())]
+    if decision.downgraded_from:
+        h.append((b"x-margin-downgraded-from", decision.downgraded_from.encode()))
+    return h
+
+
+def streamed_usage(endpoint: Endpoint, payload: dict[str, Any], r: Relayed) -> Usage:
+    """A stream's usage when the provider sent none. OpenAI-compatible servers usually stream one
+    token per chunk; some batch several, which the text count catches."""
+    out_tokens = max(r.n_out, count_text("".join(r.pieces)))
+    return Usage(input_tokens=estimate_input(endpoint, payload), output_tokens=out_tokens, source="estimated")
+
+
+def answered_usage(endpoint: Endpoint, payload: dict[str, Any], data: dict[str, Any]) -> Usage:
+    """A whole answer's usage: the provider's, else estimated from the prompt and the answer's text."""
+    return parse_usage(data) or Usage(input_tokens=estimate_input(endpoint, payload),
+                                      output_tokens=count_text(output_text(data)), source="estimated")

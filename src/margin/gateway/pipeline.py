@@ -17,11 +17,10 @@ import uuid_utils
 
 from margin.config import CacheConfig, CompressConfig, RetryConfig
 from margin.domain import Attribution, Call, Endpoint, Event, RouteDecision, Usage, VirtualKey, usd
-from margin.gateway import levers
+from margin.gateway import calls, levers
 from margin.gateway.auth import KeyRing, RevokedKey, require_caller
 from margin.gateway.budgets import Admission, BudgetGuard
 from margin.gateway.caching import CacheLever
-from margin.gateway.calls import estimate_input, lost_call, output_text, tool_calls_in, upstream_error
 from margin.gateway.compression import CompressLever
 from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
@@ -33,9 +32,7 @@ from margin.gateway.stream import UPSTREAM_ERRORS, Out, Recorder, Relayed, Sink,
 from margin.ledger.writer import LedgerWriter
 from margin.policy import agents, route
 from margin.pricing import PriceBook
-from margin.pricing.tokens import count_text
 from margin.providers.base import Chunk, Provider
-from margin.providers.usage import parse_usage
 from margin.state.cache import Cache
 from margin.telemetry import Telemetry
 
@@ -200,7 +197,7 @@ class Pipeline:
                     if out.started or not e.retryable:
                         raise
                     last, ev = e, None
-                    wait = self._backoff(attempt, e.retry_after_s)
+                    wait = calls.backoff_s(self.retry, attempt, e.retry_after_s)
                     if wait is None or d.provider in self.breakers.open_providers():
                         break  # the upstream asks for longer than we wait, or its circuit opened
                     if attempt + 1 < self.retry.attempts:
@@ -208,15 +205,6 @@ class Pipeline:
         if last is None:  # every cascade step escalated (cannot happen: the last step stands)
             raise ServerError("cascade ended without an answer")
         raise last
-
-    def _backoff(self, attempt: int, retry_after_s: float | None) -> float | None:
-        r = self.retry
-        wait: float = min(r.max_backoff_ms, r.backoff_ms * 2**attempt) / 1000
-        if retry_after_s is not None:
-            if retry_after_s * 1000 > r.max_backoff_ms:
-                return None
-            wait = max(wait, retry_after_s)  # honour the upstream's Retry-After
-        return wait
 
     def _fallback(self, model: str, primary: RouteDecision) -> RouteDecision:
         t = self.targets[model]
@@ -254,20 +242,20 @@ class Pipeline:
             upstream_payload["model"] = decision.upstream_model
             key, may_read, may_write = self.caching.plan(call, decision, payload, headers)
             if key and may_read and await self.caching.serve(key, call, decision, ev, out,
-                                                             self._route_headers(ev, decision)):
+                                                             calls.route_headers(ev, decision)):
                 return
             store = key if may_write and verify is None else None
             # Semantic cache (gateway/semantic.py): after an exact miss, a paraphrase may be answered.
             sem = self.semantic.plan(call, decision, payload, headers) if self.semantic is not None else None
             if sem is not None and await self.semantic.serve(sem, call, decision, ev, out,
-                                                             self._route_headers(ev, decision)):
+                                                             calls.route_headers(ev, decision)):
                 return
             sem = sem if verify is None else None  # like `store`: only a final answer is remembered
             if call.endpoint == "chat" and call.requested_model in self.compression.routes:
                 await self.compression.apply(call, decision, payload, upstream_payload, ev)
             self.breakers.before_call(decision.provider)
             if in_flight:
-                self.writer.begin(lost_call(ev, call.endpoint, decision.model, payload, self.prices))
+                self.writer.begin(calls.lost_call(ev, call.endpoint, decision.model, payload, self.prices))
             if call.stream:
                 upstream_s = await self._stream(call, decision, payload, upstream_payload, headers, ev, t0, out,
                                                 store, sem)
@@ -314,13 +302,6 @@ class Pipeline:
         ev.cost = self.prices.cost(decision.model, usage)
         ev.energy_j = self.prices.energy(decision.model, usage)
 
-    def _route_headers(self, ev: Event, decision: RouteDecision) -> Headers:
-        h = [(b"x-margin-route", f"{decision.model} via {decision.provider} ({decision.reason})".encode()),
-             (b"x-margin-request-id", ev.request_id.encode()), (b"x-margin-event-id", ev.event_id.encode())]
-        if decision.downgraded_from:
-            h.append((b"x-margin-downgraded-from", decision.downgraded_from.encode()))
-        return h
-
     async def _complete(self, call: Call, decision: RouteDecision, payload: dict[str, Any],
                         upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out,
                         verify: route.Group | None = None, store: str | None = None, sem: Any = None) -> float:
@@ -331,26 +312,24 @@ class Pipeline:
         try:
             reply = await provider.send(call.endpoint, upstream_payload, headers)
         except UPSTREAM_ERRORS as e:
-            raise upstream_error(e) from None
+            raise calls.upstream_error(e) from None
         if reply.meta:  # a self-hosted pool says which replica served it, and why
             ev.actions.append(reply.meta)
         upstream_s = time.perf_counter() - t_up
-        usage = parse_usage(reply.data) or Usage(
-            input_tokens=estimate_input(call.endpoint, payload),
-            output_tokens=count_text(output_text(reply.data)), source="estimated")
+        usage = calls.answered_usage(call.endpoint, payload, reply.data)
         self._meter(ev, decision, usage)
-        ev.tool_calls = tool_calls_in(reply.data)
+        ev.tool_calls = calls.tool_calls_in(reply.data)
         body = reply.body
         if verify is not None:
             await self.side.verify(verify, call, payload, reply.data, ev)
             if "logprobs" in upstream_payload and "logprobs" not in payload:  # asked only to verify
                 body = orjson.dumps({**reply.data, "choices": [
                     {k: v for k, v in c.items() if k != "logprobs"} for c in reply.data.get("choices") or ()]})
-        response_headers = [*JSON_HEADERS, *self._route_headers(ev, decision),
+        response_headers = [*JSON_HEADERS, *calls.route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
         await out.respond(200, response_headers, body)
         if self.payloads is not None:  # opted-in keys only; redacted off the request path
-            self.payloads.capture(call, ev.event_id, payload, output_text(reply.data))
+            self.payloads.capture(call, ev.event_id, payload, calls.output_text(reply.data))
         if store:
             await self.caching.put(store, decision, ev, body=reply.body.decode(errors="replace"))
         if sem is not None:  # semantic cache: remember the answer for paraphrases
@@ -373,13 +352,13 @@ class Pipeline:
             raise UpstreamFailed("Upstream closed the stream without sending anything",
                                  code="upstream_connection_error") from None
         except UPSTREAM_ERRORS as e:
-            raise upstream_error(e) from None
+            raise calls.upstream_error(e) from None
         if first.meta:
             ev.actions.append(first.meta)
-        await out.start(200, [*SSE_HEADERS, *self._route_headers(ev, decision)])
+        await out.start(200, [*SSE_HEADERS, *calls.route_headers(ev, decision)])
 
         async def on_done(r: Relayed) -> bytes:  # just before [DONE]: tell the client the cost
-            self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
+            self._meter(ev, decision, r.usage or calls.streamed_usage(call.endpoint, payload, r))
             return f": margin cost_usd={usd(ev.cost.total_usd)} event_id={ev.event_id}\n\n".encode()
 
         sink: Sink = Recorder(out) if store or sem is not None else out
@@ -387,7 +366,7 @@ class Pipeline:
         if r.client_left:
             ev.status, ev.error_type = 499, "client_disconnected"
         elif r.failure is not None:
-            err = (upstream_error(r.failure) if isinstance(r.failure, UPSTREAM_ERRORS)
+            err = (calls.upstream_error(r.failure) if isinstance(r.failure, UPSTREAM_ERRORS)
                    else ServerError(f"Internal error in margin: {type(r.failure).__name__}: {r.failure}"))
             ev.status, ev.error_type = err.status, err.code or "upstream_error"
             if not out.disconnected:
@@ -398,7 +377,7 @@ class Pipeline:
         if self.payloads is not None:
             self.payloads.capture(call, ev.event_id, payload, "".join(r.pieces))
         # Provider-reported usage wins whenever it arrived; otherwise bill what was delivered.
-        self._meter(ev, decision, r.usage or self._estimate(call, payload, r))
+        self._meter(ev, decision, r.usage or calls.streamed_usage(call.endpoint, payload, r))
         if store and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:
             await self.caching.put(store, decision, ev, chunks=sink.events)
         if sem is not None and isinstance(sink, Recorder) and ev.status == 200 and r.usage is not None:
@@ -408,13 +387,6 @@ class Pipeline:
             if r.n_out > 1:
                 ev.tpot_ms = round((r.t_last - r.t_first) * 1000 / (r.n_out - 1), 3)
         return time.perf_counter() - t_up
-
-    def _estimate(self, call: Call, payload: dict[str, Any], r: Relayed) -> Usage:
-        # OpenAI-compatible servers usually stream one token per chunk; some batch several,
-        # which the text count catches.
-        out_tokens = max(r.n_out, count_text("".join(r.pieces)))
-        return Usage(input_tokens=estimate_input(call.endpoint, payload), output_tokens=out_tokens,
-                     source="estimated")
 
 
 def _h(headers: dict[str, str]) -> Headers:
