@@ -96,3 +96,15 @@ def test_parse_since() -> None:
     assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=UTC)
     with pytest.raises(ValueError, match="use 30m"):
         parse_since("yesterday", now)
+
+
+def test_shipped_deployment_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/: the example file and the Kubernetes ConfigMap's margin.yaml load as `margin serve` would."""
+    for var in ("MARGIN_ADMIN_KEY", "OPENAI_API_KEY", "MARGIN_LEDGER_URL", "MARGIN_STATE_URL"):
+        monkeypatch.setenv(var, "redis://127.0.0.1:6379/0" if var == "MARGIN_STATE_URL" else
+                           "sqlite:///x.db" if var == "MARGIN_LEDGER_URL" else "sk-x")
+    deploy = Path(__file__).parent.parent / "deploy"
+    load_config(deploy / "margin.yaml.example")
+    docs = list(yaml.safe_load_all((deploy / "kubernetes" / "margin.yaml").read_text()))
+    config_map = next(d for d in docs if d and d.get("kind") == "ConfigMap")
+    parse_config(yaml.safe_load(config_map["data"]["margin.yaml"]), "kubernetes ConfigMap")
