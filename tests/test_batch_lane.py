@@ -81,6 +81,23 @@ def test_sdk_round_trip(lane: Gateway) -> None:
     assert c.files.delete(f.id).deleted and f.id not in [x.id for x in c.files.list()]
 
 
+def test_responses_api_batch(lane: Gateway) -> None:
+    """/v1/responses lines run through the lane like chat ones; the ledger says endpoint response."""
+    k = lane.create_key(team="ml")
+    c = sdk(lane, k["key"])
+    body = {"model": "gpt-4o-mini", "max_output_tokens": 5, "temperature": 0}
+    data = "\n".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+                                 "body": {**body, "input": f"question {i}"}}) for i in range(3))
+    f = c.files.create(file=("r.jsonl", io.BytesIO(data.encode())), purpose="batch")
+    b = wait_done(c, c.batches.create(input_file_id=f.id, endpoint="/v1/responses", completion_window="24h").id)
+    assert b.status == "completed" and b.request_counts is not None and b.request_counts.completed == 3
+    assert b.output_file_id is not None
+    out = [json.loads(x) for x in c.files.content(b.output_file_id).text.splitlines()]
+    assert {x["response"]["body"]["object"] for x in out} == {"response"}
+    rows = lane.events(k["key_id"], expect=3)
+    assert {r["endpoint"] for r in rows} == {"response"} and {r["output_tokens"] for r in rows} == {5}
+
+
 def test_every_bad_line_is_named(lane: Gateway) -> None:
     c = sdk(lane, lane.create_key(org="acme")["key"])
     good = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",

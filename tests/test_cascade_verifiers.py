@@ -84,6 +84,25 @@ def test_judge_model_decides_and_is_metered(judge_mock: Mock, tmp_path: Path, ju
         stop(gw.proc)
 
 
+def test_judge_of_a_responses_call_is_a_chat_call(judge_mock: Mock, tmp_path: Path) -> None:
+    """The judge gets a chat request whatever endpoint the verified call used."""
+    gw = _gateway(tmp_path, judge_mock, verify_judge="no-judge")
+    try:
+        key = gw.create_key(team="t")["key"]
+        r = httpx.post(gw.base_url + "/responses", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "careful", "input": "What is 2+2?", "max_output_tokens": 8})
+        assert r.status_code == 200 and r.json()["object"] == "response" and r.headers["x-margin-route"].startswith(
+            "gpt-4o ")
+        rows = {e["model"]: e for e in gw.events(expect=3)}
+        judge = rows["no-judge"]
+        assert judge["endpoint"] == "chat" and judge["input_tokens"] > 0  # sent as chat: the mock read its messages
+        assert rows["gpt-4o-mini"]["endpoint"] == rows["gpt-4o"]["endpoint"] == "response"
+        assert orjson.loads(httpx.get(judge_mock.url.removesuffix("/v1") + "/mock/last_request").content).get(
+            "input") == "What is 2+2?"  # the last upstream call was the strong model's, in Responses form
+    finally:
+        stop(gw.proc)
+
+
 def test_learned_verifier_reads_the_cheap_answer(tmp_path: Path) -> None:
     """A cascade group with a learned verifier (margin router cascade-train): a cheap answer whose
     arithmetic is broken escalates to the strong model; a right one is returned."""

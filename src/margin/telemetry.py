@@ -27,7 +27,8 @@ ATTR_AGENT = "gen_ai.agent.name"
 ATTR_COST = "gen_ai.usage.cost"  # not standard; OpenLIT's name
 ATTR_ERROR = "error.type"
 
-OPERATION = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings", "batch": "chat"}
+OPERATION = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings", "response": "chat",
+             "batch": "chat"}
 
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)

@@ -4,13 +4,23 @@ replay runs exactly what the gateway would (DESIGN.md: the same policy code, fed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
 
-from margin.config import BudgetConfig, CompressConfig, Config, GroupConfig, ModelConfig, RateLimitConfig, RunCapConfig
+from margin.config import (
+    BudgetConfig,
+    CompressConfig,
+    Config,
+    GroupConfig,
+    ModelConfig,
+    ProviderConfig,
+    RateLimitConfig,
+    RunCapConfig,
+)
 from margin.domain.budget import Budget, BudgetUnit, RateLimit, RunCap, Threshold, duration_s
 from margin.policy.compress import CompressPolicy
 from margin.policy.route import Group, Rule, Target
-from margin.pricing import ModelRates
+from margin.pricing import ModelRates, PriceBook
 
 
 def to_budget(c: BudgetConfig) -> Budget:
@@ -33,9 +43,22 @@ def to_run_cap(c: RunCapConfig) -> RunCap:
                   c.max_repeats, c.on_cap, c.webhook, c.run_ttl_s)
 
 
-def target(m: ModelConfig, rates: ModelRates) -> Target:
+# Provider kinds that serve the Responses API (/v1/responses) themselves; llama.cpp, TGI and
+# Triton serve chat and completions only, so routing never sends a Responses call there.
+RESPONSES_KINDS = frozenset({"openai", "vllm"})
+
+
+def targets(models: Sequence[ModelConfig], providers: Sequence[ProviderConfig],
+            prices: PriceBook) -> dict[str, Target]:
+    kinds = {p.name: p.kind for p in providers}
+    return {m.name: target(m, prices.rates(m.name), kinds.get(m.provider, "openai")) for m in models}
+
+
+def target(m: ModelConfig, rates: ModelRates, provider_kind: str = "openai") -> Target:
     """A servable model as routing sees it (list prices only rank candidates; money is metered)."""
-    return Target(m.name, m.provider, m.upstream_id, context_window=m.context_window,
+    endpoints = frozenset({"chat", "completion", "embedding"} | ({"response"} if provider_kind in RESPONSES_KINDS
+                                                                   else set()))
+    return Target(m.name, m.provider, m.upstream_id, endpoints=endpoints, context_window=m.context_window,
                   capabilities=frozenset(m.capabilities), tiers=frozenset(m.tiers), quality=m.quality,
                   input_per_mtok=float(rates.input.base), output_per_mtok=float(rates.output.base),
                   fallbacks=tuple(m.fallbacks))

@@ -14,7 +14,7 @@ def usd(amount: Decimal) -> str:
     """Exact decimal text, never scientific notation ("0.00000006", not "6E-8")."""
     return format(amount, "f")
 
-Endpoint = Literal["chat", "completion", "embedding", "batch"]
+Endpoint = Literal["chat", "completion", "embedding", "response", "batch"]
 UsageSource = Literal["provider", "estimated"]
 
 

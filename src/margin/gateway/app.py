@@ -41,7 +41,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
-    "/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding",
+    "/v1/responses": "response",
+    "/chat/completions": "chat", "/completions": "completion", "/embeddings": "embedding", "/responses": "response",
 }
 
 
@@ -105,7 +106,7 @@ class MarginApp:
         from margin.gateway.pools import Pools
 
         self.pools = Pools(self.providers, self.telemetry)  # self-hosted pools: load gauges, autoscaling advice
-        self.targets = {m.name: wiring.target(m, self.prices.rates(m.name)) for m in cfg.models}
+        self.targets = wiring.targets(cfg.models, cfg.providers, self.prices)
         self.groups = {g.name: wiring.group(g) for g in cfg.groups}
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)

@@ -19,7 +19,7 @@ from margin.providers.openai_batch import MultipartError, Part
 from margin.providers.openai_batch import parse_multipart as _parse_multipart
 
 URLS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completion",
-                             "/v1/embeddings": "embedding"}
+                             "/v1/embeddings": "embedding", "/v1/responses": "response"}
 PATH_OF: dict[str, str] = {v: k for k, v in URLS.items()}
 MAX_CUSTOM_ID = 512
 MAX_REPORTED = 20  # errors listed in one message; the count says how many there were

@@ -29,7 +29,7 @@ from margin.gateway.batch_files import PATH_OF, new_id
 from margin.gateway.batch_worker import EVENT_WAIT_S, error_code, event_id_for, json_text
 from margin.gateway.budgets import Admission
 from margin.gateway.errors import GatewayError
-from margin.gateway.request import attribution_for, build_call, parse_tags
+from margin.gateway.request import MAX_TOKENS_FIELD, attribution_for, build_call, parse_tags
 from margin.ledger.keys import row_to_key
 from margin.ledger.schema import Row
 from margin.policy.budget import BudgetPlan
@@ -149,7 +149,7 @@ class Forwarder:
                 await self.app.guard.settle(adm, scratch)
             return None
         if adm is not None and adm.plan.max_tokens is not None:
-            payload["max_tokens"] = adm.plan.max_tokens
+            payload[MAX_TOKENS_FIELD.get(it["endpoint"], "max_tokens")] = adm.plan.max_tokens
         payload["model"] = self.app.targets[model].upstream_model
         line = orjson.dumps({"custom_id": it["item_id"], "method": "POST", "url": PATH_OF[it["endpoint"]],
                              "body": payload})

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from margin.config import RetryConfig
-from margin.domain import Endpoint, Event, RouteDecision, Usage
+from margin.domain import Endpoint, Event, RouteDecision, Usage, responses
 from margin.gateway.errors import UpstreamFailed
 from margin.gateway.stream import Relayed
 from margin.pricing import PriceBook
@@ -48,24 +48,30 @@ def needed_capabilities(payload: dict[str, Any]) -> frozenset[str]:
     need = set()
     if payload.get("tools") or payload.get("functions"):
         need.add("tools")
-    rf = payload.get("response_format")
+    text = payload.get("text")  # the Responses API's response_format
+    rf = payload.get("response_format") or (text.get("format") if isinstance(text, dict) else None)
     if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
         need.add("json")
-    for m in payload.get("messages") or ():
+    items = payload.get("messages") or payload.get("input")
+    for m in items if isinstance(items, list) else ():
         content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "input_image")
+                                             for p in content):
             need.add("vision")
     return frozenset(need)
 
 
 def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:
-    if endpoint == "chat":
+    if endpoint in ("chat", "response"):
         tools = payload.get("tools")  # tool definitions are prompt tokens too
-        return count_messages(payload.get("messages")) + (count_text(orjson.dumps(tools).decode()) if tools else 0)
+        messages = payload.get("messages") if endpoint == "chat" else responses.as_messages(payload)
+        return count_messages(messages) + (count_text(orjson.dumps(tools).decode()) if tools else 0)
     return count_prompt(payload.get("prompt") if endpoint == "completion" else payload.get("input"))
 
 
 def output_text(data: dict[str, Any]) -> str:
+    if data.get("object") == "response":
+        return responses.output_text(data)
     parts = []
     for c in data.get("choices") or ():
         if isinstance(c, dict):
@@ -76,6 +82,8 @@ def output_text(data: dict[str, Any]) -> str:
 
 def tool_calls_in(data: dict[str, Any]) -> int:
     """Tool calls a (non-streamed) answer asks the client to run: what run caps count."""
+    if data.get("object") == "response":
+        return responses.tool_calls(data)
     n = 0
     for c in data.get("choices") or ():
         msg = c.get("message") if isinstance(c, dict) else None
@@ -86,8 +94,9 @@ def tool_calls_in(data: dict[str, Any]) -> int:
 
 def prompt_text(endpoint: Endpoint, payload: dict[str, Any]) -> str:
     """What a learned router reads: the last user turn of a chat, or the prompt."""
-    if endpoint == "chat":
-        for m in reversed(payload.get("messages") or ()):
+    if endpoint in ("chat", "response"):
+        messages = payload.get("messages") if endpoint == "chat" else responses.as_messages(payload)
+        for m in reversed(messages or ()):
             if isinstance(m, dict) and m.get("role") == "user":
                 c = m.get("content")
                 if isinstance(c, list):

@@ -90,8 +90,17 @@ SCHEMAS: dict[str, Any] = {
                        "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1}]},
                        "encoding_format": {"type": "string", "enum": ["float", "base64"]}},
     },
+    "ResponseRequest": {
+        "type": "object", "required": ["model", "input"],
+        "properties": {"model": {"type": "string", "minLength": 1},
+                       "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1,
+                                                                 "items": {"type": "object"}}]},
+                       "instructions": {"type": "string"}, "max_output_tokens": _MAX, "stream": {"type": "boolean"},
+                       "tools": {"type": "array", "items": {"type": "object"}},
+                       "previous_response_id": {"type": "string"}},
+    },
     "Completion": {"type": "object", "description": "OpenAI-shaped answer (chat.completion, text_completion, "
-                   "list of embeddings), or an SSE stream when stream is true"},
+                   "list of embeddings, response), or an SSE stream when stream is true"},
     "ModelList": {"type": "object", "required": ["object", "data"],
                   "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": {
                       "type": "object", "properties": {"id": {"type": "string"}, "owned_by": {"type": "string"}}}}}},
@@ -173,6 +182,9 @@ def document() -> dict[str, Any]:
                                         codes=_V1_ERRORS, params=_MARGIN_HEADERS)},
         "/v1/embeddings": {"post": _op("Embeddings", _ok("Completion"), body="EmbeddingRequest", codes=_V1_ERRORS,
                                        params=_MARGIN_HEADERS)},
+        "/v1/responses": {"post": _op("Responses API (streaming with stream: true; named events, no [DONE])",
+                                      _ok("Completion", sse=True), body="ResponseRequest", codes=_V1_ERRORS,
+                                      params=_MARGIN_HEADERS)},
         "/v1/models": {"get": _op("Models this key may use", _ok("ModelList"), codes=(401, 503))},
         "/v1/outcomes": {"post": _op("Report the outcome of a run (joins the ledger on run_id)",
                                      {**_ok("Outcome", 201), **_ok("Outcome")}, body="OutcomeReport",

@@ -25,12 +25,12 @@ from margin.gateway.compression import CompressLever
 from margin.gateway.errors import GatewayError, ServerError, UpstreamFailed
 from margin.gateway.health import Breakers
 from margin.gateway.payloads import PayloadLog
-from margin.gateway.request import build_call, parse_json
+from margin.gateway.request import MAX_TOKENS_FIELD, build_call, parse_json
 from margin.gateway.routing import Router
 from margin.gateway.sidecalls import Escalate, SideCalls
 from margin.gateway.stream import UPSTREAM_ERRORS, Out, Recorder, Relayed, Sink, relay
 from margin.ledger.writer import LedgerWriter
-from margin.policy import agents, route
+from margin.policy import agents, cascade, route
 from margin.pricing import PriceBook
 from margin.providers.base import Chunk, Provider
 from margin.state.cache import Cache
@@ -237,7 +237,7 @@ class Pipeline:
                                                message)
             upstream_payload = dict(payload)
             if admission is not None:
-                decision = self._apply_budget(admission, decision, upstream_payload)
+                decision = self._apply_budget(admission, decision, call.endpoint, upstream_payload)
                 ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
             upstream_payload["model"] = decision.upstream_model
             key, may_read, may_write = self.caching.plan(call, decision, payload, headers)
@@ -286,11 +286,12 @@ class Pipeline:
             if admission is not None:
                 await self.guard.settle(admission, ev)
 
-    def _apply_budget(self, adm: Admission, decision: RouteDecision, upstream_payload: dict[str, Any]) -> RouteDecision:
+    def _apply_budget(self, adm: Admission, decision: RouteDecision, endpoint: Endpoint,
+                      upstream_payload: dict[str, Any]) -> RouteDecision:
         """A downgrade serves the lighter model; a cap bounds the output so the cost fits."""
         p = adm.plan
         if p.max_tokens is not None:
-            upstream_payload["max_tokens"] = p.max_tokens
+            upstream_payload[MAX_TOKENS_FIELD.get(endpoint, "max_tokens")] = p.max_tokens
         if p.model == decision.model:
             return decision
         t = self.targets[p.model]
@@ -306,8 +307,8 @@ class Pipeline:
                         upstream_payload: dict[str, Any], headers: dict[str, str], ev: Event, out: Out,
                         verify: route.Group | None = None, store: str | None = None, sem: Any = None) -> float:
         provider = self.providers[decision.provider]
-        if verify is not None and verify.verify_min_logprob is not None and "logprobs" not in upstream_payload:
-            upstream_payload["logprobs"] = True if call.endpoint == "chat" else 1
+        added = verify is not None and verify.verify_min_logprob is not None and cascade.ask_logprobs(
+            call.endpoint, upstream_payload)
         t_up = time.perf_counter()
         try:
             reply = await provider.send(call.endpoint, upstream_payload, headers)
@@ -322,9 +323,8 @@ class Pipeline:
         body = reply.body
         if verify is not None:
             await self.side.verify(verify, call, payload, reply.data, ev)
-            if "logprobs" in upstream_payload and "logprobs" not in payload:  # asked only to verify
-                body = orjson.dumps({**reply.data, "choices": [
-                    {k: v for k, v in c.items() if k != "logprobs"} for c in reply.data.get("choices") or ()]})
+            if added:  # asked for only to verify: the client gets the answer it asked for
+                body = orjson.dumps(cascade.without_logprobs(reply.data))
         response_headers = [*JSON_HEADERS, *calls.route_headers(ev, decision),
                             (b"x-margin-cost-usd", usd(ev.cost.total_usd).encode())]
         await out.respond(200, response_headers, body)
@@ -341,9 +341,12 @@ class Pipeline:
                       out: Out, store: str | None = None, sem: Any = None) -> float:
         provider = self.providers[decision.provider]
         opts = payload.get("stream_options")
-        client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        # Always ask for usage so the stream is metered exactly; hide it if the client didn't ask.
-        upstream_payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        # A Responses stream always ends with its usage; chat/completion streams only when asked, so
+        # margin always asks (the stream is metered exactly) and hides it if the client did not.
+        client_wants_usage = call.endpoint == "response" or (isinstance(opts, dict)
+                                                             and opts.get("include_usage") is True)
+        if call.endpoint != "response":
+            upstream_payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         chunks: AsyncIterator[Chunk] = provider.stream(call.endpoint, upstream_payload, headers)
         t_up = time.perf_counter()
         try:

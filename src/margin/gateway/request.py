@@ -27,7 +27,10 @@ _REQUIRED: dict[str, tuple[str, str]] = {
     "chat": ("messages", "a non-empty array of message objects"),
     "completion": ("prompt", "a string or an array of strings/tokens"),
     "embedding": ("input", "a string or an array of strings/tokens"),
+    "response": ("input", "a string or a non-empty array of input items"),
 }
+# The output-token cap's name per endpoint (the Responses API renamed it).
+MAX_TOKENS_FIELD: dict[str, str] = {"response": "max_output_tokens"}
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -55,6 +58,11 @@ def _check_fields(endpoint: Endpoint, p: dict[str, Any]) -> None:
     value = p.get(field)
     if value is None:
         raise BadRequest(f"Missing required parameter: '{field}'", param=field, code="missing_required_parameter")
+    if endpoint == "response" and isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise BadRequest(f"'input[{i}]' must be an input item object", param=f"input[{i}]",
+                                 code="invalid_type")
     if endpoint == "chat":
         if not isinstance(value, list) or not value:
             raise BadRequest(f"'messages' must be {what}", param="messages", code="invalid_type")
@@ -69,7 +77,7 @@ def _check_fields(endpoint: Endpoint, p: dict[str, Any]) -> None:
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
     if stream and endpoint == "embedding":
         raise BadRequest("Embeddings cannot be streamed", param="stream", code="invalid_value")
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         v = p.get(name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise BadRequest(f"'{name}' must be a positive integer", param=name, code="invalid_value")
@@ -132,24 +140,35 @@ def _key_limit(key: VirtualKey, name: str) -> int | None:
 def apply_key_limits(endpoint: Endpoint, payload: dict[str, Any], key: VirtualKey) -> None:
     """Per-key ceilings (key tags `max_tokens`, `max_messages`). A request above the key's
     `max_tokens` is refused; one without `max_tokens` gets the ceiling, so it is always bounded."""
-    if endpoint == "chat":
+    listed = "messages" if endpoint == "chat" else "input" if endpoint == "response" else ""
+    if listed and isinstance(payload[listed], list):
         cap = min(MAX_MESSAGES, _key_limit(key, "max_messages") or MAX_MESSAGES)
-        n = len(payload["messages"])
+        n = len(payload[listed])
         if n > cap:
-            raise BadRequest(f"'messages' has {n} messages; this key allows at most {cap}", param="messages",
-                             code="too_many_messages")
+            raise BadRequest(f"'{listed}' has {n} {'messages' if listed == 'messages' else 'items'}; this key "
+                             f"allows at most {cap}", param=listed, code="too_many_messages")
     if endpoint == "embedding":
         return
     ceiling = _key_limit(key, "max_tokens")
     if ceiling is None:
         return
-    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    asked = max_tokens_of(endpoint, payload)
     if asked is None:
-        payload["max_tokens"] = ceiling
+        payload[MAX_TOKENS_FIELD.get(endpoint, "max_tokens")] = ceiling
     elif asked > ceiling:
-        name = "max_completion_tokens" if payload.get("max_completion_tokens") else "max_tokens"
+        name = MAX_TOKENS_FIELD.get(endpoint) or (
+            "max_completion_tokens" if payload.get("max_completion_tokens") else "max_tokens")
         raise BadRequest(f"'{name}' is {asked}; this key allows at most {ceiling} output tokens", param=name,
                          code="max_tokens_too_large")
+
+
+def max_tokens_of(endpoint: Endpoint, payload: dict[str, Any]) -> int | None:
+    """The client's output-token cap, whatever the endpoint calls it."""
+    if endpoint == "response":
+        v = payload.get("max_output_tokens")
+    else:
+        v = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    return v if isinstance(v, int) else None
 
 
 def build_call(endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, str], key: VirtualKey) -> Call:
@@ -167,7 +186,7 @@ def build_call(endpoint: Endpoint, payload: dict[str, Any], headers: dict[str, s
                          param="X-Margin-Tags", code="invalid_tags")
     attribution = attribution_for(key, tags)
     tag_map = dict(attribution.tags)
-    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    max_tokens = max_tokens_of(endpoint, payload)
     return Call(
         endpoint=endpoint,
         requested_model=payload["model"],

@@ -67,10 +67,11 @@ class SideCalls:
         """Temperature 0, so the exact cache answers the same question once. None if it failed."""
         t = self.targets[model]
         body = {"model": model, "temperature": 0, "max_tokens": max_tokens, "messages": messages}
-        sub = dataclasses.replace(call, requested_model=model, stream=False, max_tokens=max_tokens, has_tools=False)
+        sub = dataclasses.replace(call, endpoint="chat", requested_model=model, stream=False, max_tokens=max_tokens,
+                                  has_tools=False)  # a chat body, whatever the request's endpoint
         decision = RouteDecision(model=model, provider=t.provider, upstream_model=t.upstream_model, reason=reason)
         ev, out = self.follow_up(parent), Captured()
-        ev.requested_model = model
+        ev.requested_model, ev.endpoint = model, "chat"
         try:
             await self.attempt(sub, decision, body, {}, orjson.dumps(body), ev, time.perf_counter(), out)
         except GatewayError as e:

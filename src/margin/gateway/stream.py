@@ -2,8 +2,9 @@
 
 Usage is taken from any chunk that carries it (OpenAI sends it on a final chunk with no choices;
 DeepSeek on the last content chunk; vLLM can send it on every chunk) and hidden from clients
-that did not ask for it. Whatever ends the stream - [DONE], a reset, an error event, the client
-leaving, a bug - what was delivered is known, so it can be billed."""
+that did not ask for it; a Responses API stream carries it in its terminal event's response.
+Whatever ends the stream - [DONE] (or a terminal response event), a reset, an error event, the
+client leaving, a bug - what was delivered is known, so it can be billed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from margin.domain import Usage
+from margin.domain import Usage, responses
 from margin.providers.base import Chunk, UpstreamConnectionError, UpstreamError, UpstreamTimeout
 from margin.providers.usage import parse_usage
 
@@ -81,6 +82,8 @@ class Relayed:
 
 
 def delta_text(data: dict[str, Any]) -> str:
+    if responses.is_event(data):
+        return responses.event_text(data)
     parts: list[str] = []
     for c in data.get("choices") or ():
         if not isinstance(c, dict):
@@ -127,11 +130,15 @@ async def relay(chunks: AsyncIterator[Chunk], first: Chunk, out: Sink, client_wa
                             raw = b""
                         else:  # usage riding on a content chunk: strip it, keep the content
                             raw = b"data: " + orjson.dumps({k: v for k, v in data.items() if k != "usage"}) + b"\n\n"
-                if "error" in data and not data.get("choices"):
+                elif (resp := responses.event_response(data)) is not None and resp.get("usage"):
+                    r.usage = parse_usage(resp) or r.usage  # a Responses stream's usage: its final event
+                if ("error" in data and not data.get("choices")) or responses.event_failed(data):
                     r.upstream_error_event = True
                 text = delta_text(data)
                 if text and b'"tool_calls"' in chunk.raw:  # cheap test before walking the JSON
                     r.tool_calls += _new_tool_calls(data)
+                elif text and responses.event_tool_call(data):
+                    r.tool_calls += 1
                 if text:
                     r.n_out += 1
                     r.pieces.append(text)

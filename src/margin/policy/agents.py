@@ -45,9 +45,9 @@ def parse_key(counter: str) -> tuple[str, str, str] | None:
 def message_hash(endpoint: str, payload: Mapping[str, Any]) -> str:
     """What loop detection compares: the newest message of a chat (a tool result or user turn
     repeated verbatim means the agent is going round in circles), or the whole prompt."""
-    if endpoint == "chat":
-        msgs = payload.get("messages") or ()
-        newest: Any = msgs[-1] if msgs else None
+    listed = payload.get("messages") if endpoint == "chat" else payload.get("input") if endpoint == "response" else None
+    if endpoint == "chat" or (endpoint == "response" and isinstance(listed, list)):
+        newest: Any = listed[-1] if listed else None
     else:
         newest = payload.get("prompt") if endpoint == "completion" else payload.get("input")
     blob = orjson.dumps(newest, option=orjson.OPT_SORT_KEYS, default=str)

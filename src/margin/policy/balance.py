@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from margin.domain import responses
+
 ReplicaStatus = Literal["up", "unknown", "down"]
 Strategy = Literal["least-loaded", "round-robin"]
 _KEY_CHARS = 4096  # enough of a prompt to identify its shared prefix
@@ -88,9 +90,9 @@ def affinity_key(endpoint: str, payload: Mapping[str, Any], run_id: str | None =
     when there is nothing to share (embeddings, empty prompts)."""
     if run_id:
         return "run:" + run_id
-    if endpoint == "chat":
+    if endpoint in ("chat", "response"):
         parts: list[str] = []
-        for m in payload.get("messages") or ():
+        for m in (payload.get("messages") if endpoint == "chat" else responses.as_messages(payload)) or ():
             if not isinstance(m, dict):
                 break
             role = str(m.get("role") or "")

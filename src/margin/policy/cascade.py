@@ -37,7 +37,12 @@ def verify(text: str, regex: str | None, want_json: bool, min_logprob: float | N
 
 
 def token_logprobs(data: dict[str, Any]) -> list[float]:
-    """The first choice's token log-probabilities from an OpenAI-style chat or completion body."""
+    """The first choice's token log-probabilities from an OpenAI-style chat or completion body, or
+    a Responses API body's output text (asked for with include=message.output_text.logprobs)."""
+    if data.get("object") == "response":
+        return [float(t["logprob"]) for item in data.get("output") or () if isinstance(item, dict)
+                for part in item.get("content") or () if isinstance(part, dict)
+                for t in part.get("logprobs") or () if isinstance(t, dict) and "logprob" in t]
     choices = data.get("choices") or ()
     lp = choices[0].get("logprobs") if choices and isinstance(choices[0], dict) else None
     if not isinstance(lp, dict):
@@ -46,6 +51,34 @@ def token_logprobs(data: dict[str, Any]) -> list[float]:
         return [float(t["logprob"]) for t in lp["content"] if isinstance(t, dict) and "logprob" in t]
     values = lp.get("token_logprobs")  # legacy completions
     return [float(v) for v in values if isinstance(v, int | float)] if isinstance(values, list) else []
+
+
+_RESPONSE_LOGPROBS = "message.output_text.logprobs"
+
+
+def ask_logprobs(endpoint: str, payload: dict[str, Any]) -> bool:
+    """Make the upstream request return token log-probabilities; False if the client already asked."""
+    if endpoint == "response":
+        include = payload.get("include")
+        include = include if isinstance(include, list) else []
+        if _RESPONSE_LOGPROBS in include:
+            return False
+        payload["include"] = [*include, _RESPONSE_LOGPROBS]
+        return True
+    if "logprobs" in payload:
+        return False
+    payload["logprobs"] = True if endpoint == "chat" else 1
+    return True
+
+
+def without_logprobs(data: dict[str, Any]) -> dict[str, Any]:
+    """An answer without the log-probabilities margin asked for only to verify it."""
+    if data.get("object") == "response":
+        return {**data, "output": [
+            {**item, "content": [{k: v for k, v in part.items() if k != "logprobs"} if isinstance(part, dict)
+                                 else part for part in item.get("content") or ()]}
+            if isinstance(item, dict) and "content" in item else item for item in data.get("output") or ()]}
+    return {**data, "choices": [{k: v for k, v in c.items() if k != "logprobs"} for c in data.get("choices") or ()]}
 
 
 def judge_messages(question: str, answer: str, instructions: str | None = None) -> list[dict[str, str]]:

@@ -14,13 +14,15 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from margin.providers import mock_text
+from margin.domain import responses
+from margin.providers import mock_responses, mock_text
 from margin.providers.openai_batch import MultipartError, parse_multipart
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 PREFIXES = ("/v1/files", "/v1/batches", "/mock/batches")
-_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding"}
+_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embedding",
+          "/v1/responses": "response"}
 
 
 async def _respond(send: Send, status: int, body: bytes, ctype: bytes = b"application/json") -> None:
@@ -140,16 +142,18 @@ class MockBatches:
         model = str(req.get("model") or "")
         if _PATHS.get(url) == "embedding":
             return mock_text.embeddings_body(self.seed, model, req.get("input", ""), 8, False, True)
-        chat = _PATHS.get(url) == "chat"
-        if chat:
-            prompt, prompt_tokens = mock_text.chat_prompt(req.get("messages"))
+        chat, resp = _PATHS.get(url) == "chat", _PATHS.get(url) == "response"
+        if chat or resp:
+            prompt, prompt_tokens = mock_text.chat_prompt(req.get("messages") if chat else responses.as_messages(req))
         else:
             items = mock_text.inputs_of(req.get("prompt", ""))
             prompt, prompt_tokens = "\n".join(t for t, _ in items), sum(n for _, n in items)
         n, finish = self.output_tokens, "stop"
-        cap = req.get("max_completion_tokens") or req.get("max_tokens")
+        cap = req.get("max_output_tokens") if resp else (req.get("max_completion_tokens") or req.get("max_tokens"))
         if isinstance(cap, int) and 0 < cap < n:
             n, finish = cap, "length"
         tokens = mock_text.tokens_for(self.seed, model, prompt, n)
         use = mock_text.usage(prompt_tokens, len(tokens), int(prompt_tokens * self.cached_fraction), 0)
+        if resp:
+            return mock_responses.body(rid.replace("batchreq-", "resp_"), model, tokens, finish, use)
         return mock_text.completion_body(rid, model, chat, tokens, finish, use)

@@ -12,7 +12,8 @@ finished mock: 7.7k-11k req/s, 55-66 us CPU/req non-streaming; 6.3k-9.3k req/s, 
 
 Streams: one token ("word ") per content chunk, the first also carrying the role, so there are
 completion_tokens - reasoning_tokens content chunks; then a finish chunk, the usage chunk (only
-with `stream_options.include_usage`), and `[DONE]`.
+with `stream_options.include_usage`), and `[DONE]`. `/v1/responses` answers the same tokens in the
+Responses API's shapes (mock_responses.py).
 
 Faults: `error_rate`, `timeout_rate` and `reset_rate` share one PRNG draw per POST request, seeded
 from `seed`, so a run with the same request order fails the same requests. Per-request `X-Mock-*`
@@ -33,7 +34,8 @@ from typing import Any
 import orjson
 import uvicorn
 
-from margin.providers import mock_batches, mock_text
+from margin.domain import responses
+from margin.providers import mock_batches, mock_responses, mock_text
 from margin.providers.mock_options import MockOptions, Overrides
 
 Scope = dict[str, Any]
@@ -171,48 +173,55 @@ class MockApp:
             await _sleep(ttft)
             await _respond(send, 200, body)
             return
-        chat = path == "/v1/chat/completions"
+        chat, resp = path == "/v1/chat/completions", path == "/v1/responses"
         tps = ov.tokens_per_s if ov.tokens_per_s is not None else o.tokens_per_s
-        ans = self._answer(req, model, chat, ov)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-mock{self.requests}"
+        ans = self._answer(req, model, chat, ov, resp)
+        rid = f"{'resp_' if resp else 'chatcmpl-' if chat else 'cmpl-'}mock{self.requests}"
         tools = req.get("tools")
-        if chat and ov.tool_calls and isinstance(tools, list) and tools:  # X-Mock-Tool-Calls: n
-            name = str((tools[0].get("function") or {}).get("name") or "tool") if isinstance(tools[0], dict) else "tool"
+        if (chat or resp) and ov.tool_calls and isinstance(tools, list) and tools:  # X-Mock-Tool-Calls: n
+            t0 = tools[0] if isinstance(tools[0], dict) else {}
+            name = str(t0.get("name") or (t0.get("function") or {}).get("name") or "tool")
             calls = mock_text.tool_calls(name, ov.tool_calls, "".join(ans.tokens))
             await _sleep(ttft)
+            if resp:
+                opening, tail = mock_responses.events(rid, model, [], "stop", ans.usage, calls)
+                await _respond(send, 200, b"".join(opening) + tail if stream else
+                               mock_responses.body(rid, model, [], "stop", ans.usage, calls), _SSE if stream else _JSON)
+                return
             so = req.get("stream_options")
             use = ans.usage if not stream or (isinstance(so, dict) and so.get("include_usage")) else None
             await _respond(send, 200, mock_text.tool_call_events(rid, model, calls, use) if stream
                            else mock_text.tool_call_body(rid, model, calls, ans.usage), _SSE if stream else _JSON)
             return
         if stream:
-            await self._stream(send, req, rid, model, chat, ans, ttft, reset, tps)
+            await self._stream(send, req, rid, model, chat, ans, ttft, reset, tps, resp)
             return
         await _sleep(ttft + (len(ans.tokens) / tps if tps > 0 else 0.0))
-        await _respond(
-            send, 200, mock_text.completion_body(rid, model, chat, ans.tokens, ans.finish_reason, ans.usage,
-                                                 self._logprob(req, ov))
-        )
+        await _respond(send, 200, mock_responses.body(rid, model, ans.tokens, ans.finish_reason, ans.usage,
+                                                      logprob=self._logprob(req, ov)) if resp
+                       else mock_text.completion_body(rid, model, chat, ans.tokens, ans.finish_reason, ans.usage,
+                                                      self._logprob(req, ov)))
 
     @property
     def _answers(self) -> dict[str, str]:
         return dict(orjson.loads(self.options.answers)) if self.options.answers else {}
 
     def _logprob(self, req: dict[str, Any], ov: Overrides) -> float | None:
-        if not req.get("logprobs"):
+        include = req.get("include")
+        if not (req.get("logprobs") or (isinstance(include, list) and "message.output_text.logprobs" in include)):
             return None
         return ov.logprob if ov.logprob is not None else self.options.logprob
 
-    def _answer(self, req: dict[str, Any], model: str, chat: bool, ov: Overrides) -> _Answer:
+    def _answer(self, req: dict[str, Any], model: str, chat: bool, ov: Overrides, resp: bool = False) -> _Answer:
         o = self.options
-        if chat:
-            prompt, prompt_tokens = mock_text.chat_prompt(req.get("messages"))
+        if chat or resp:
+            prompt, prompt_tokens = mock_text.chat_prompt(req.get("messages") if chat else responses.as_messages(req))
         else:
             items = mock_text.inputs_of(req.get("prompt", ""))
             prompt, prompt_tokens = "\n".join(t for t, _ in items), sum(n for _, n in items)
         n = ov.output_tokens if ov.output_tokens is not None else o.output_tokens
         finish = "stop"
-        cap = req.get("max_completion_tokens") or req.get("max_tokens")
+        cap = req.get("max_output_tokens") if resp else (req.get("max_completion_tokens") or req.get("max_tokens"))
         if isinstance(cap, int) and 0 < cap < n:
             n, finish = cap, "length"
         fixed = self._answers.get(model)
@@ -235,15 +244,19 @@ class MockApp:
         ttft: float,
         reset: bool,
         tps: float,
+        resp: bool = False,
     ) -> None:
         so = req.get("stream_options")
         include_usage = isinstance(so, dict) and so.get("include_usage") is True
-        events, tail = mock_text.stream_events(
-            rid, model, chat, ans.tokens, ans.finish_reason, ans.usage if include_usage else None
-        )
+        if resp:  # a Responses stream always ends with its usage
+            events, tail = mock_responses.events(rid, model, ans.tokens, ans.finish_reason, ans.usage)
+        else:
+            events, tail = mock_text.stream_events(
+                rid, model, chat, ans.tokens, ans.finish_reason, ans.usage if include_usage else None
+            )
         await _sleep(ttft)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        cut = len(ans.tokens) // 2 if reset else len(events)
+        cut = (len(ans.tokens) // 2 + (3 if resp else 0)) if reset else len(events)
         if tps > 0:
             for i, ev in enumerate(events[:cut]):
                 if i:
@@ -257,7 +270,7 @@ class MockApp:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
-_POST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_POST_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -10,12 +10,14 @@ import orjson
 
 from margin.config import ProviderConfig
 from margin.domain import Endpoint
+from margin.domain.responses import TERMINAL_EVENTS
 from margin.providers.base import Chunk, Reply, UpstreamConnectionError, UpstreamError, UpstreamTimeout
 
 PATHS: dict[str, str] = {
     "chat": "/chat/completions",
     "completion": "/completions",
     "embedding": "/embeddings",
+    "response": "/responses",
 }
 _DONE = b"[DONE]"
 
@@ -146,15 +148,20 @@ class OpenAIHTTPProvider:
                                         _retry_after(resp.headers.get("Retry-After")))
                 done = False
                 data_lines: list[bytes] = []
+                name = b""
                 async for line in resp.content:
                     line = line.rstrip(b"\r\n")
                     if line.startswith(b"data:"):
                         data_lines.append(line[5:].lstrip(b" "))
                         continue
+                    if line.startswith(b"event:"):
+                        name = line + b"\n"  # the Responses API names its events: forwarded as sent
+                        continue
                     if line or not data_lines:
-                        continue  # `event:`/`id:`/comment lines, or a blank line with no event
+                        continue  # `id:`/comment lines, or a blank line with no event
                     # A blank line ends the event; its data lines join with newlines (SSE spec).
                     data, data_lines = b"\n".join(data_lines).strip(), []
+                    named, name = name, b""
                     if not data:
                         continue  # an empty keep-alive event
                     if data == _DONE:
@@ -166,7 +173,11 @@ class OpenAIHTTPProvider:
                     except orjson.JSONDecodeError:
                         raise UpstreamError(502, f"{self.name} streamed an event that is not JSON",
                                             "invalid_upstream_response") from None
-                    yield Chunk(b"data: " + data.replace(b"\n", b"") + b"\n\n", parsed)
+                    yield Chunk(named + b"data: " + data.replace(b"\n", b"") + b"\n\n", parsed)
+                    if endpoint == "response" and isinstance(parsed, dict) and parsed.get("type") in TERMINAL_EVENTS:
+                        done = True  # a response stream ends with its terminal event, not [DONE]
+                        yield Chunk(b"", None)
+                        break
                 if not done:
                     raise UpstreamConnectionError(f"{self.name}: stream ended before [DONE]")
         except TimeoutError:

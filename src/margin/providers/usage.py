@@ -1,4 +1,5 @@
-"""Read token usage from an OpenAI-format response or final stream chunk."""
+"""Read token usage from an OpenAI-format response or final stream chunk (chat, completions,
+embeddings and the Responses API)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def parse_usage(data: dict[str, Any]) -> Usage | None:
     keys = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
     if not isinstance(u, dict) or not any(k in u for k in keys):
         return None
-    pd, cd = u.get("prompt_tokens_details"), u.get("completion_tokens_details")
+    # Chat/completions name them prompt/completion; the Responses API input/output.
+    pd = u.get("prompt_tokens_details") or u.get("input_tokens_details")
+    cd = u.get("completion_tokens_details") or u.get("output_tokens_details")
     prompt = _int(u, "prompt_tokens") or _int(u, "input_tokens")
     completion = _int(u, "completion_tokens") or _int(u, "output_tokens")
     # OpenAI: cached_tokens; DeepSeek: prompt_cache_hit_tokens; Anthropic-style: cache_* fields.

@@ -1,0 +1,99 @@
+"""The OpenAI Responses API's wire shapes, read the way margin reads a chat: the request's
+`instructions` + `input` items as chat messages (for token estimates, routing text, loop hashes,
+pool affinity), and an answer's output items, whole or streamed, as text and tool calls.
+
+Pure functions on parsed JSON; unknown item and event types are skipped, never an error, because
+the API keeps adding them (web search, reasoning, computer use) and margin only meters them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# A streamed response ends with one of these; there is no `data: [DONE]` sentinel.
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Events that carry a piece of the answer (text, refusal, reasoning, a function call's arguments).
+_DELTA_EVENTS = frozenset({"response.output_text.delta", "response.refusal.delta",
+                           "response.reasoning_text.delta", "response.reasoning_summary_text.delta",
+                           "response.function_call_arguments.delta"})
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text") or "") for p in content
+                        if isinstance(p, dict) and p.get("type") in _TEXT_PARTS)
+    return ""
+
+
+def as_messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`instructions` and `input` as chat messages: a string input is one user turn; message items
+    keep their role; a function call is an assistant turn, its output a tool turn."""
+    out: list[dict[str, Any]] = []
+    if isinstance(payload.get("instructions"), str) and payload["instructions"]:
+        out.append({"role": "developer", "content": payload["instructions"]})
+    items = payload.get("input")
+    if isinstance(items, str):
+        return [*out, {"role": "user", "content": items}]
+    for item in items if isinstance(items, list) else ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message" and isinstance(item.get("role"), str):
+            out.append({"role": item["role"], "content": _text(item.get("content"))})
+        elif kind == "function_call":
+            out.append({"role": "assistant", "content": f"{item.get('name') or ''}({item.get('arguments') or ''})"})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "content": _text(item.get("output"))})
+    return out
+
+
+def output_text(data: dict[str, Any]) -> str:
+    """A whole response's answer: message text and refusals, and function calls as name + arguments."""
+    parts: list[str] = []
+    for item in data.get("output") or ():
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            parts.append(_text(item.get("content")))
+        elif item.get("type") == "function_call":
+            parts.append(str(item.get("name") or "") + str(item.get("arguments") or ""))
+    return "".join(parts)
+
+
+def tool_calls(data: dict[str, Any]) -> int:
+    """Function calls a whole response asks the client to run (what run caps count)."""
+    return sum(1 for item in data.get("output") or () if isinstance(item, dict) and item.get("type") == "function_call")
+
+
+def is_event(data: dict[str, Any]) -> bool:
+    t = data.get("type")
+    return isinstance(t, str) and (t.startswith("response.") or t == "error")
+
+
+def event_text(data: dict[str, Any]) -> str:
+    """The piece of the answer a stream event carries ("" for lifecycle events)."""
+    if data.get("type") in _DELTA_EVENTS and isinstance(data.get("delta"), str):
+        return str(data["delta"])
+    if event_tool_call(data):
+        return str(data["item"].get("name") or "")
+    return ""
+
+
+def event_tool_call(data: dict[str, Any]) -> bool:
+    """True for the event that opens a function call (one per call)."""
+    item = data.get("item")
+    return (data.get("type") == "response.output_item.added" and isinstance(item, dict)
+            and item.get("type") == "function_call")
+
+
+def event_response(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The response object a lifecycle event carries (its `usage` once it has ended)."""
+    r = data.get("response")
+    return r if isinstance(r, dict) else None
+
+
+def event_failed(data: dict[str, Any]) -> bool:
+    return data.get("type") in ("response.failed", "error")

@@ -1,0 +1,238 @@
+"""The OpenAI Responses API (/v1/responses) through the gateway: the official SDK, whole and
+streamed, metered like chat (tokens by type, cost, tool calls), under the same key limits, cache,
+routing and cascade checks; plus the pure readers of its shapes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from margin.config import parse_config
+from margin.domain import Attribution, Call, responses
+from margin.gateway.stream import relay
+from margin.policy import agents, cascade, route
+from margin.pricing import PriceBook
+from margin.providers.base import Chunk
+from margin.wiring import targets
+from tests.conftest import Gateway, Mock, gateway_config, start_gateway, stop
+
+D = Decimal
+M = 1_000_000
+TOOLS = [{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}]
+
+
+@pytest.fixture(scope="module")
+def gw(mock_upstream: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("responses")
+    cfg = gateway_config(tmp, mock_upstream.url, f"sqlite:///{tmp}/l.db")
+    cfg["cache"] = {"enabled": True}
+    cfg["groups"] = [{"name": "careful", "candidates": ["gpt-4o-mini", "gpt-4o"], "strategy": "cascade",
+                      "verify_min_logprob": -0.5}]
+    g = start_gateway(tmp, cfg)
+    yield g
+    assert g.proc is not None
+    stop(g.proc)
+
+
+def client(gw: Gateway, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0)
+
+
+def test_sdk_response_is_metered_like_chat(gw: Gateway, mock_upstream: Mock) -> None:
+    k = gw.create_key(org="acme", team="search")
+    raw = client(gw, k["key"]).responses.with_raw_response.create(
+        model="gpt-4o-mini", input="one two three four five", max_output_tokens=8,
+        extra_headers={"X-Margin-Run-Id": "run-r1", "X-Mock-Cached-Tokens": "4"})
+    r = raw.parse()
+    assert r.output_text and r.usage is not None
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (9, 8)  # 5 words + 4 per message, as chat
+    assert raw.headers["x-margin-route"] == "gpt-4o-mini via mock (requested)"
+    sent = mock_upstream.last_request()
+    assert sent["max_output_tokens"] == 8 and "stream_options" not in sent and "max_tokens" not in sent
+    [ev] = gw.events(k["key_id"], expect=1)
+    assert ev["endpoint"] == "response" and ev["run_id"] == "run-r1" and ev["status"] == 200
+    assert (ev["input_tokens"], ev["output_tokens"], ev["cached_input_tokens"]) == (9, 8, 4)
+    assert ev["usage_source"] == "provider"
+    assert D(ev["cost_usd"]) == D(5) * D("0.15") / M + D(4) * D("0.075") / M + D(8) * D("0.6") / M
+    assert D(raw.headers["x-margin-cost-usd"]) == D(ev["cost_usd"])
+
+
+def test_sdk_stream_is_relayed_and_metered(gw: Gateway, mock_upstream: Mock) -> None:
+    k = gw.create_key(team="search")
+    kinds, text, final = [], "", None
+    with client(gw, k["key"]).responses.create(model="gpt-4o-mini", input=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "input_text", "text": "one two three"}]}],
+            max_output_tokens=6, stream=True) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            elif event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"  # cut at 6 of 16 tokens
+    assert final is not None and final.usage is not None and final.output_text == text
+    assert "stream_options" not in mock_upstream.last_request()
+    [ev] = gw.events(k["key_id"], expect=1)
+    assert ev["endpoint"] == "response" and ev["stream"] == 1 and ev["status"] == 200
+    assert (ev["input_tokens"], ev["output_tokens"]) == (final.usage.input_tokens, 6) == (13, 6)
+    assert ev["usage_source"] == "provider" and ev["ttft_ms"] is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_calls_are_counted(gw: Gateway, stream: bool) -> None:
+    k = gw.create_key(team="agents")
+    r = httpx.post(gw.base_url + "/responses", timeout=30, headers={
+        "Authorization": f"Bearer {k['key']}", "X-Mock-Tool-Calls": "2", "X-Margin-Run-Id": f"tools-{stream}"},
+        json={"model": "gpt-4o-mini", "input": "look it up", "tools": TOOLS, "stream": stream})
+    assert r.status_code == 200
+    if not stream:
+        assert [o["type"] for o in r.json()["output"]] == ["function_call", "function_call"]
+    [ev] = gw.events(k["key_id"], expect=1)
+    assert ev["tool_calls"] == 2 and ev["output_tokens"] > 0
+
+
+def test_key_limits_use_max_output_tokens(gw: Gateway, mock_upstream: Mock) -> None:
+    k = gw.create_key(team="capped", tags={"max_tokens": "5"})
+    ok = httpx.post(gw.base_url + "/responses", timeout=30, headers={"Authorization": f"Bearer {k['key']}"},
+                    json={"model": "gpt-4o-mini", "input": "hello"})
+    assert ok.status_code == 200 and mock_upstream.last_request()["max_output_tokens"] == 5
+    big = httpx.post(gw.base_url + "/responses", timeout=30, headers={"Authorization": f"Bearer {k['key']}"},
+                     json={"model": "gpt-4o-mini", "input": "hello", "max_output_tokens": 50})
+    err = big.json()["error"]
+    assert big.status_code == 400 and err["param"] == "max_output_tokens"
+    assert "'max_output_tokens' is 50; this key allows at most 5" in err["message"]
+
+
+@pytest.mark.parametrize(("body", "param", "message"), [
+    ({"model": "gpt-4o-mini"}, "input", "Missing required parameter: 'input'"),
+    ({"model": "gpt-4o-mini", "input": []}, "input", "'input' must be a string or a non-empty array"),
+    ({"model": "gpt-4o-mini", "input": ["hi"]}, "input[0]", "'input[0]' must be an input item object"),
+    ({"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 0}, "max_output_tokens", "positive integer"),
+])
+def test_bad_requests_get_precise_errors(gw: Gateway, body: dict[str, Any], param: str, message: str) -> None:
+    k = gw.create_key(team="t")
+    r = httpx.post(gw.base_url + "/responses", json=body, timeout=30, headers={"Authorization": f"Bearer {k['key']}"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and message in err["message"], err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_exact_cache_serves_a_repeated_response(gw: Gateway, stream: bool) -> None:
+    k = gw.create_key(team="cached")
+    body = {"model": "gpt-4o-mini", "input": f"cache me {stream}", "temperature": 0, "stream": stream}
+    first, second = (httpx.post(gw.base_url + "/responses", json=body, timeout=30,
+                                headers={"Authorization": f"Bearer {k['key']}"}) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    if stream:  # the replay is the same events; margin's cost comment may differ
+        def events(r: httpx.Response) -> list[str]:
+            return [line for line in r.text.splitlines() if line and not line.startswith(":")]
+
+        assert events(first) == events(second) and events(first)[-2] == "event: response.completed"
+    else:
+        assert first.json() == second.json()
+    rows = sorted(gw.events(k["key_id"], expect=2), key=lambda e: e["ts_start"])
+    assert [r["cache_hit"] for r in rows] == [None, "exact"] and D(rows[1]["cost_usd"]) == 0
+
+
+def test_cascade_verifies_response_logprobs(gw: Gateway) -> None:
+    k = gw.create_key(team="careful")
+
+    def ask(logprob: str) -> httpx.Response:
+        return httpx.post(gw.base_url + "/responses", timeout=30, json={"model": "careful", "input": "What is 2+2?"},
+                          headers={"Authorization": f"Bearer {k['key']}", "X-Mock-Logprob": logprob})
+
+    sure = ask("-0.1")
+    assert sure.status_code == 200 and sure.headers["x-margin-route"].startswith("gpt-4o-mini")
+    assert "logprobs" not in sure.json()["output"][0]["content"][0]  # asked for verification only
+    unsure = ask("-1.2")
+    assert unsure.status_code == 200 and unsure.headers["x-margin-route"].startswith("gpt-4o ")
+    rows = gw.events(k["key_id"], expect=3)
+    assert any("cascade_escalate" in (r["actions"] or "") and r["model"] == "gpt-4o-mini" for r in rows)
+
+
+# -- pure ----------------------------------------------------------------------------------------------
+
+def test_input_items_read_as_chat_messages() -> None:
+    payload = {"instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": "x"}]},
+        {"type": "function_call", "name": "lookup", "arguments": "{}", "call_id": "c1"},
+        {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        {"type": "reasoning", "summary": []}]}
+    assert responses.as_messages(payload) == [
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "lookup({})"}, {"role": "tool", "content": "42"}]
+    assert responses.as_messages({"input": "plain"}) == [{"role": "user", "content": "plain"}]
+    # loop detection hashes the newest item, not the growing list
+    a = {"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "same"}]}
+    b = {"input": [{"role": "user", "content": "y"}, {"type": "function_call_output", "output": "same"}]}
+    assert agents.message_hash("response", a) == agents.message_hash("response", b)
+
+
+def test_response_logprobs_are_asked_read_and_removed() -> None:
+    payload: dict[str, Any] = {"include": ["reasoning.encrypted_content"]}
+    assert cascade.ask_logprobs("response", payload)
+    assert payload["include"] == ["reasoning.encrypted_content", "message.output_text.logprobs"]
+    assert not cascade.ask_logprobs("response", payload)  # the client's own request is left as it is
+    lps = [{"token": "a", "logprob": -0.5}, {"token": "b", "logprob": -1.5}]
+    data = {"object": "response", "output": [{"type": "message", "content": [
+        {"type": "output_text", "text": "ab", "logprobs": lps}]}]}
+    assert cascade.token_logprobs(data) == [-0.5, -1.5]
+    assert "logprobs" not in cascade.without_logprobs(data)["output"][0]["content"][0]
+
+
+def test_llamacpp_models_do_not_take_responses_calls() -> None:
+    cfg = parse_config({
+        "providers": [{"name": "cloud", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"},
+                      {"name": "local", "kind": "llamacpp-server", "base_url": "http://127.0.0.1:2/v1"}],
+        "models": [{"name": "big", "provider": "cloud", "price": {"genai_prices": "openai/gpt-4o-mini"}},
+                   {"name": "small", "provider": "local", "price": {"per_million": {"input": "0", "output": "0"}}}]})
+    t = targets(cfg.models, cfg.providers, PriceBook(cfg.models))
+    assert "response" in t["big"].endpoints and "response" not in t["small"].endpoints
+    call = Call(endpoint="response", requested_model="small", stream=False, attribution=Attribution())
+    refused = route.decide(call, t, ())
+    assert isinstance(refused, route.Refusal) and refused.status == 400
+    assert "does not serve the response endpoint" in refused.message
+
+
+def test_relay_reads_a_response_stream() -> None:
+    def ev(kind: str, **f: Any) -> Chunk:
+        data = {"type": kind, **f}
+        return Chunk(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n", data)
+
+    usage = {"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 2},
+             "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 10}
+    chunks = [ev("response.created", response={"usage": None}), ev("response.output_text.delta", delta="he"),
+              ev("response.output_text.delta", delta="llo"),
+              ev("response.output_item.added", item={"type": "function_call", "name": "f"}),
+              ev("response.completed", response={"usage": usage}), Chunk(b"", None)]
+
+    class Sink:
+        def __init__(self) -> None:
+            self.disconnected = False
+            self.sent: list[bytes] = []
+
+        async def chunk(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    async def gen() -> AsyncIterator[Chunk]:
+        for c in chunks[1:]:
+            yield c
+
+    async def done(_: Any) -> bytes:
+        return b": margin cost\n\n"
+
+    sink = Sink()
+    r = asyncio.run(relay(gen(), chunks[0], sink, True, done))
+    assert r.failure is None and r.usage is not None
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.cached_input_tokens, r.usage.reasoning_tokens) == (
+        7, 3, 2, 1)
+    assert "".join(r.pieces) == "hellof" and r.tool_calls == 1 and not r.upstream_error_event
+    assert sink.sent[0].startswith(b"event: response.created\n") and sink.sent[-1] == b": margin cost\n\n"
