@@ -14,13 +14,15 @@ import openai
 import orjson
 import pytest
 
-from margin.config import parse_config
-from margin.domain import Attribution, Call, responses
+from margin.config import ConfigError, parse_config
+from margin.domain import responses
 from margin.gateway.stream import relay
-from margin.policy import agents, cascade, route
-from margin.pricing import PriceBook
+from margin.policy import agents, cascade
+from margin.providers import make_provider
+from margin.providers import responses_via_chat as via
 from margin.providers.base import Chunk
-from margin.wiring import targets
+from margin.providers.pool import PoolProvider
+from margin.providers.responses_via_chat import ResponsesViaChat
 from tests.conftest import Gateway, Mock, gateway_config, start_gateway, stop
 
 D = Decimal
@@ -33,6 +35,11 @@ def gw(mock_upstream: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tmp = tmp_path_factory.mktemp("responses")
     cfg = gateway_config(tmp, mock_upstream.url, f"sqlite:///{tmp}/l.db")
     cfg["cache"] = {"enabled": True}
+    # the same mock, reached as a provider without /responses: margin translates to chat and back
+    cfg["providers"].append({"name": "bridge", "kind": "openai", "base_url": mock_upstream.url, "responses_api": "chat",
+                             "forward_headers": ["x-mock-*"]})
+    cfg["models"].append({"name": "bridged", "provider": "bridge", "upstream_model": "gpt-4o-mini",
+                          "price": {"genai_prices": "openai/gpt-4o-mini"}})
     cfg["groups"] = [{"name": "careful", "candidates": ["gpt-4o-mini", "gpt-4o"], "strategy": "cascade",
                       "verify_min_logprob": -0.5}]
     g = start_gateway(tmp, cfg)
@@ -188,18 +195,22 @@ def test_response_logprobs_are_asked_read_and_removed() -> None:
     assert "logprobs" not in cascade.without_logprobs(data)["output"][0]["content"][0]
 
 
-def test_llamacpp_models_do_not_take_responses_calls() -> None:
+def test_providers_without_responses_get_them_through_chat() -> None:
     cfg = parse_config({
         "providers": [{"name": "cloud", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"},
-                      {"name": "local", "kind": "llamacpp-server", "base_url": "http://127.0.0.1:2/v1"}],
-        "models": [{"name": "big", "provider": "cloud", "price": {"genai_prices": "openai/gpt-4o-mini"}},
-                   {"name": "small", "provider": "local", "price": {"per_million": {"input": "0", "output": "0"}}}]})
-    t = targets(cfg.models, cfg.providers, PriceBook(cfg.models))
-    assert "response" in t["big"].endpoints and "response" not in t["small"].endpoints
-    call = Call(endpoint="response", requested_model="small", stream=False, attribution=Attribution())
-    refused = route.decide(call, t, ())
-    assert isinstance(refused, route.Refusal) and refused.status == 400
-    assert "does not serve the response endpoint" in refused.message
+                      {"name": "compat", "kind": "openai", "base_url": "http://127.0.0.1:1/v1",
+                       "responses_api": "chat"},
+                      {"name": "local", "kind": "llamacpp-server", "base_url": "http://127.0.0.1:2/v1"},
+                      {"name": "gpu", "kind": "vllm", "base_url": "http://127.0.0.1:3/v1"}],
+        "models": [{"name": "m", "provider": "cloud", "price": {"genai_prices": "openai/gpt-4o-mini"}}]})
+    made = {p.name: make_provider(p) for p in cfg.providers}
+    assert not isinstance(made["cloud"], ResponsesViaChat) and isinstance(made["compat"], ResponsesViaChat)
+    assert isinstance(made["local"], PoolProvider) and isinstance(made["gpu"], PoolProvider)
+    assert isinstance(made["local"].replicas[0].http, ResponsesViaChat)  # llama-server has no /responses
+    assert not isinstance(made["gpu"].replicas[0].http, ResponsesViaChat)  # vLLM has
+    with pytest.raises(ConfigError, match="no /responses of its own"):
+        parse_config({"providers": [{"name": "x", "kind": "llamacpp", "model_path": "m.gguf",
+                                     "responses_api": "native"}], "models": []})
 
 
 def test_relay_reads_a_response_stream() -> None:
@@ -236,3 +247,126 @@ def test_relay_reads_a_response_stream() -> None:
         7, 3, 2, 1)
     assert "".join(r.pieces) == "hellof" and r.tool_calls == 1 and not r.upstream_error_event
     assert sink.sent[0].startswith(b"event: response.created\n") and sink.sent[-1] == b": margin cost\n\n"
+
+
+# -- through chat (providers without /responses) ---------------------------------------------------
+
+def test_bridged_response_is_translated_both_ways(gw: Gateway, mock_upstream: Mock) -> None:
+    k = gw.create_key(team="bridge")
+    raw = client(gw, k["key"]).responses.with_raw_response.create(
+        model="bridged", instructions="be brief", input="one two three four five", max_output_tokens=8,
+        text={"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
+        extra_headers={"X-Mock-Cached-Tokens": "4"})
+    r = raw.parse()
+    sent = mock_upstream.last_request()
+    assert sent["messages"] == [{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "one two three four five"}]
+    assert sent["max_tokens"] == 8 and sent["response_format"]["type"] == "json_schema" and "input" not in sent
+    assert r.object == "response" and r.status == "incomplete" and r.output_text  # 8 of the mock's 12 tokens
+    assert r.usage is not None and (r.usage.input_tokens, r.usage.output_tokens) == (15, 8)
+    assert r.usage.input_tokens_details.cached_tokens == 4
+    [ev] = gw.events(k["key_id"], expect=1)
+    assert ev["endpoint"] == "response" and (ev["input_tokens"], ev["output_tokens"], ev["cached_input_tokens"]) == (
+        15, 8, 4) and ev["provider"] == "bridge"
+
+
+def test_bridged_stream_with_function_calls(gw: Gateway, mock_upstream: Mock) -> None:
+    k = gw.create_key(team="bridge-stream")
+    c = client(gw, k["key"])
+    with c.responses.create(model="bridged", input="hello there", max_output_tokens=5, stream=True) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "response.incomplete" and kinds.count("response.output_text.delta") == 5
+    assert mock_upstream.last_request()["stream_options"] == {"include_usage": True}
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    with c.responses.create(model="bridged", input="look it up", tools=TOOLS, stream=True,  # type: ignore[arg-type]
+                            extra_headers={"X-Mock-Tool-Calls": "2"}) as stream:
+        events = list(stream)
+    done = events[-1].response  # type: ignore[union-attr]
+    assert [o.type for o in done.output] == ["function_call", "function_call"]
+    assert all(o.name == "lookup" and o.arguments.startswith("{") for o in done.output)  # type: ignore[union-attr]
+    assert mock_upstream.last_request()["tools"][0] == {"type": "function", "function": {
+        "name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    rows = sorted(gw.events(k["key_id"], expect=2), key=lambda e: e["ts_start"])
+    assert rows[0]["output_tokens"] == 5 and rows[1]["tool_calls"] == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"previous_response_id": "resp_1"}, "cannot carry 'previous_response_id' (stored responses)"),
+    ({"tools": [{"type": "web_search"}]}, "cannot carry the built-in tool 'web_search'"),
+])
+def test_what_chat_cannot_carry_is_a_precise_400(gw: Gateway, extra: dict[str, Any], message: str) -> None:
+    k = gw.create_key(team="t")
+    r = httpx.post(gw.base_url + "/responses", timeout=30, headers={"Authorization": f"Bearer {k['key']}"},
+                   json={"model": "bridged", "input": "hi", **extra})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert "provider bridge serves the Responses API through chat completions" in r.json()["error"]["message"]
+
+
+def test_input_items_become_chat_turns() -> None:
+    payload = {"model": "m", "input": [
+        {"role": "developer", "content": "rules"},
+        {"role": "user", "content": [{"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "u"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "1"},
+        {"type": "reasoning", "summary": []},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "done"}]}],
+        "tool_choice": {"type": "function", "name": "f"}, "reasoning": {"effort": "low"},
+        "include": ["message.output_text.logprobs"], "stream": True}
+    chat = via.to_chat("p", payload)
+    assert chat["messages"] == [
+        {"role": "system", "content": "rules"},
+        {"role": "user", "content": [{"type": "text", "text": "see"},
+                                     {"type": "image_url", "image_url": {"url": "u", "detail": "auto"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+        {"role": "assistant", "content": "done"}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert chat["reasoning_effort"] == "low" and chat["logprobs"] is True
+    assert chat["stream_options"] == {"include_usage": True}
+
+
+def test_chat_answers_become_responses() -> None:
+    data = {"id": "x1", "model": "m", "created": 5, "choices": [{"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "ok", "tool_calls": [
+            {"id": "c9", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+        "logprobs": {"content": [{"token": "ok", "logprob": -0.2}]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+                  "prompt_tokens_details": {"cached_tokens": 3}, "completion_tokens_details": {"reasoning_tokens": 1}}}
+    r = via.from_chat({"model": "m", "instructions": "i"}, data)
+    assert (r["id"], r["object"], r["status"], r["created_at"], r["instructions"]) == (
+        "resp_x1", "response", "completed", 5, "i")
+    assert responses.output_text(r) == "okf{\"a\":1}" and responses.tool_calls(r) == 1
+    assert cascade.token_logprobs(r) == [-0.2]
+    assert r["usage"] == {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 4,
+                          "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 14}
+    short = via.from_chat({}, {"choices": [{"finish_reason": "length", "message": {"content": "cut"}}]})
+    assert short["status"] == "incomplete" and short["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_stream_converter_sequences_events() -> None:
+    conv = via.StreamConverter({"model": "m"})
+    chunks = [{"id": "s1", "model": "m", "choices": [{"delta": {"role": "assistant", "content": "he"}}]},
+              {"id": "s1", "choices": [{"delta": {"content": "y"}}]},
+              {"id": "s1", "choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {
+                  "name": "f", "arguments": "{\"a\""}}]}}]},
+              {"id": "s1", "choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]},
+                                        "finish_reason": "tool_calls"}]},
+              {"id": "s1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}]
+    events = [c.data for d in chunks for c in conv.feed(d)] + [c.data for c in conv.close()]
+    assert all(e is not None for e in events)
+    kinds = [e["type"] for e in events if e]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", "response.output_text.delta", "response.output_text.delta",
+                     "response.output_item.added", "response.function_call_arguments.delta",
+                     "response.function_call_arguments.delta", "response.output_text.done",
+                     "response.content_part.done", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in events if e] == list(range(len(kinds)))
+    final = events[-1]["response"]  # type: ignore[index]
+    assert responses.output_text(final) == "heyf{\"a\":1}" and final["usage"]["output_tokens"] == 2

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from margin.config import ProviderConfig
@@ -192,3 +193,22 @@ def test_streaming_through_the_pool_is_metered(gateway: Gateway) -> None:
     (row,) = gateway.events(key["key_id"], expect=1)
     assert row["status"] == 200 and row["usage_source"] == "provider" and row["output_tokens"] >= 1
     assert row["provider"] == "gemma-pool"
+
+
+def test_responses_api_on_a_real_llama_server(gateway: Gateway) -> None:
+    """llama-server has no /v1/responses: margin answers it through the pool's chat completions,
+    whole and streamed, with the model's real tokens and usage."""
+    key = gateway.create_key(team="responses")
+    c = openai.OpenAI(base_url=gateway.base_url, api_key=key["key"], max_retries=0, timeout=120)
+    r = c.responses.create(model="gemma", input="Say hello.", max_output_tokens=6, temperature=0)
+    assert r.object == "response" and r.output_text and r.usage is not None and r.usage.output_tokens >= 1
+    with c.responses.create(model="gemma", instructions="Be brief.", input="Count to three.", max_output_tokens=6,
+                            temperature=0, stream=True) as stream:
+        events = list(stream)
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    rows = gateway.events(key["key_id"], expect=2)
+    assert {(x["endpoint"], x["status"], x["usage_source"]) for x in rows} == {("response", 200, "provider")}
+    assert sorted(x["stream"] for x in rows) == [0, 1]
+    assert next(x for x in rows if x["stream"])["output_tokens"] == final.usage.output_tokens

@@ -13,7 +13,6 @@ from margin.config import (
     Config,
     GroupConfig,
     ModelConfig,
-    ProviderConfig,
     RateLimitConfig,
     RunCapConfig,
 )
@@ -43,22 +42,13 @@ def to_run_cap(c: RunCapConfig) -> RunCap:
                   c.max_repeats, c.on_cap, c.webhook, c.run_ttl_s)
 
 
-# Provider kinds that serve the Responses API (/v1/responses) themselves; llama.cpp, TGI and
-# Triton serve chat and completions only, so routing never sends a Responses call there.
-RESPONSES_KINDS = frozenset({"openai", "vllm"})
+def targets(models: Sequence[ModelConfig], prices: PriceBook) -> dict[str, Target]:
+    return {m.name: target(m, prices.rates(m.name)) for m in models}
 
 
-def targets(models: Sequence[ModelConfig], providers: Sequence[ProviderConfig],
-            prices: PriceBook) -> dict[str, Target]:
-    kinds = {p.name: p.kind for p in providers}
-    return {m.name: target(m, prices.rates(m.name), kinds.get(m.provider, "openai")) for m in models}
-
-
-def target(m: ModelConfig, rates: ModelRates, provider_kind: str = "openai") -> Target:
+def target(m: ModelConfig, rates: ModelRates) -> Target:
     """A servable model as routing sees it (list prices only rank candidates; money is metered)."""
-    endpoints = frozenset({"chat", "completion", "embedding"} | ({"response"} if provider_kind in RESPONSES_KINDS
-                                                                   else set()))
-    return Target(m.name, m.provider, m.upstream_id, endpoints=endpoints, context_window=m.context_window,
+    return Target(m.name, m.provider, m.upstream_id, context_window=m.context_window,
                   capabilities=frozenset(m.capabilities), tiers=frozenset(m.tiers), quality=m.quality,
                   input_per_mtok=float(rates.input.base), output_per_mtok=float(rates.output.base),
                   fallbacks=tuple(m.fallbacks))

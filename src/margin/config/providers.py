@@ -93,10 +93,18 @@ class ProviderConfig(_Strict):
     # The provider has an OpenAI-style /files + /batches API: the batch lane forwards batch items
     # for its models there, priced at the provider's batch price (pricing/batch.py).
     batch_api: bool = False
+    # How /v1/responses calls reach this provider: "native" forwards them to its /responses;
+    # "chat" translates them to chat completions and the answer back (providers/responses_via_chat.py).
+    # Default: native for openai and vllm, chat for llama.cpp, TGI and Triton, which have no /responses.
+    responses_api: Literal["native", "chat"] | None = None
     batch_discount: Decimal | None = Field(default=None, ge=0, lt=1)  # when genai-prices has no batch price
     # vllm / triton / tgi / llamacpp-server: the pool's replicas (base URLs ending in /v1, or objects).
     replicas: list[str | ReplicaConfig] = Field(default_factory=list)
     pool: PoolConfig = PoolConfig()
+
+    @property
+    def responses_native(self) -> bool:
+        return self.responses_api == "native" if self.responses_api else self.kind in ("openai", "vllm")
 
     @property
     def replica_configs(self) -> list[ReplicaConfig]:
@@ -106,6 +114,9 @@ class ProviderConfig(_Strict):
 
     @model_validator(mode="after")
     def _pool_fields(self) -> ProviderConfig:
+        if self.kind == "llamacpp" and self.responses_api == "native":
+            raise ValueError(f"provider {self.name!r}: an in-process llamacpp model has no /responses of its own; "
+                             "use responses_api: chat (the default)")
         if self.kind not in POOL_KINDS:
             if self.replicas:
                 raise ValueError(f"provider {self.name!r}: `replicas` is for kinds {', '.join(POOL_KINDS)}")

@@ -22,7 +22,7 @@ class Target:
     model: str
     provider: str
     upstream_model: str
-    endpoints: frozenset[str] = frozenset({"chat", "completion", "embedding"})
+    endpoints: frozenset[str] = frozenset({"chat", "completion", "embedding", "response"})
     context_window: int = 1 << 30
     capabilities: frozenset[str] = frozenset({"tools", "json"})
     tiers: frozenset[str] = frozenset({"premium", "standard", "batch"})

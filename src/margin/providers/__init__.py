@@ -17,15 +17,23 @@ def make_provider(cfg: ProviderConfig) -> Provider:
     if cfg.kind == "openai":
         from margin.providers.openai_http import OpenAIHTTPProvider
 
-        return OpenAIHTTPProvider(cfg)
+        return with_responses(cfg, OpenAIHTTPProvider(cfg))
     if cfg.kind in POOL_KINDS:  # self-hosted replicas, load-aware (docs/selfhosted.md)
         from margin.providers.pool import PoolProvider
 
-        return PoolProvider(cfg)
+        return PoolProvider(cfg)  # each replica answers /v1/responses as `with_responses` says
     from margin.providers.llamacpp import LlamaCppProvider  # optional extra margin[local]
 
-    provider: Provider = LlamaCppProvider(cfg)
-    return provider
+    return with_responses(cfg, LlamaCppProvider(cfg))
+
+
+def with_responses(cfg: ProviderConfig, provider: Provider) -> Provider:
+    """The provider, answering /v1/responses itself or through chat completions (cfg.responses_api)."""
+    if cfg.responses_native:
+        return provider
+    from margin.providers.responses_via_chat import ResponsesViaChat
+
+    return ResponsesViaChat(provider)
 
 
 __all__ = [
@@ -36,4 +44,5 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "make_provider",
+    "with_responses",
 ]

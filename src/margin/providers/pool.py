@@ -24,7 +24,8 @@ import aiohttp
 from margin.config import ProviderConfig, ReplicaConfig
 from margin.domain import Endpoint
 from margin.policy.balance import Choice, ReplicaLoad, ReplicaStatus, affinity_key, choose
-from margin.providers.base import Chunk, Reply, UpstreamConnectionError
+from margin.providers import with_responses
+from margin.providers.base import Chunk, Provider, Reply, UpstreamConnectionError
 from margin.providers.openai_http import OpenAIHTTPProvider
 from margin.providers.scrape import Scrape, metrics_url, root_url, scrape
 from margin.tasks import cancel_and_wait
@@ -50,7 +51,7 @@ class Served:
 @dataclass
 class Replica:
     cfg: ReplicaConfig
-    http: OpenAIHTTPProvider
+    http: Provider
     status: ReplicaStatus = "unknown"
     last: Scrape | None = None
     inflight: int = 0
@@ -116,7 +117,8 @@ class PoolProvider:
         self.settings = cfg.pool
         # Each replica is an OpenAI-compatible upstream of its own (pooled connections, streaming, errors).
         self.replicas = [
-            Replica(r, OpenAIHTTPProvider(cfg.model_copy(update={"kind": "openai", "base_url": r.base_url})))
+            Replica(r, with_responses(cfg, OpenAIHTTPProvider(
+                cfg.model_copy(update={"kind": "openai", "base_url": r.base_url}))))
             for r in cfg.replica_configs]
         self._by_name = {r.name: r for r in self.replicas}
         self._turn = 0
