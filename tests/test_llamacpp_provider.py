@@ -201,3 +201,22 @@ async def test_embeddings_and_bad_requests_are_400(provider: LlamaCppProvider) -
         with pytest.raises(UpstreamError) as ei:
             await provider.send(endpoint, payload)  # type: ignore[arg-type]
         assert ei.value.status == 400
+
+
+@pytest.mark.local
+@pytest.mark.asyncio(loop_scope="module")
+async def test_responses_api_through_chat(provider: LlamaCppProvider) -> None:
+    """make_provider wraps an in-process model so it answers /v1/responses (whole and streamed)."""
+    from margin.providers import with_responses
+
+    p = with_responses(_cfg(), provider)
+    payload = {"model": MODEL, "input": "Name three colours.", "max_output_tokens": 6, "temperature": 0}
+    reply = await p.send("response", payload)
+    assert reply.data["object"] == "response" and reply.data["output"][0]["content"][0]["text"]
+    assert reply.data["usage"]["output_tokens"] >= 1
+    chunks = await _collect(p.stream("response", {**payload, "stream": True}))
+    kinds = [c.data["type"] for c in chunks if c.data]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert chunks[-1].data is None and chunks[-1].raw == b""  # the end, as a native Responses stream
+    final = chunks[-2].data["response"]  # type: ignore[index]
+    assert final["usage"]["output_tokens"] >= 1
