@@ -141,6 +141,12 @@ def traffic() -> str:
     stream = support.chat.completions.create(model="gpt-4o-mini", stream=True, max_tokens=30,
                                              messages=[{"role": "user", "content": "Write a short apology"}])
     print("    " + "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)[:100])
+    say("support team: the same through the Responses API (client.responses.create), streamed")
+    with support.responses.create(model="gpt-4o-mini", input="Write a short apology", max_output_tokens=30,
+                                  stream=True) as events:
+        done = [e for e in events if e.type in ("response.completed", "response.incomplete")][-1].response
+    print(f"    {done.output_text[:80]}  ({done.usage.input_tokens if done.usage else 0} in / "
+          f"{done.usage.output_tokens if done.usage else 0} out)")
     say("search team: gpt-4o under a $0.003 monthly budget (notify at 50%, downgrade to gpt-4o-mini at 80%)")
     for q in ("best laptop for travel", "return policy for sale items", "store hours on sunday",
               "gift ideas under 50 dollars", "how to track my order", "do you ship abroad"):
@@ -162,6 +168,10 @@ def traffic() -> str:
             print(f"    {prompt!r} -> {text[:70]!r} ({time.perf_counter() - t0:.2f}s)")
         list(research.chat.completions.create(model="gemma-3-270m", max_tokens=16, stream=True,
                                               messages=[{"role": "user", "content": "Say hi"}]))
+        # llama.cpp has no /v1/responses: margin answers it through the model's chat completions.
+        resp = research.responses.create(model="gemma-3-270m", input="Say hi", max_output_tokens=12)
+        print(f"    the Responses API on llama.cpp (answered through chat): {resp.status}, "
+              f"{resp.usage.output_tokens if resp.usage else 0} tokens out")
     say("mistakes are metered too: an unknown model and a bad key")
     for client, model in ((search, "gpt-5-ultra"), (openai.OpenAI(base_url=base, api_key="mk-wrong"), "gpt-4o")):
         try:
