@@ -75,6 +75,17 @@ def test_examples_keep_openai_roles_tool_turns_and_tools() -> None:
     assert to_example({"messages": [{"role": "user", "content": "q"}], "n": 3}, "y") == (None, "several_choices")
     assert to_example({"messages": [{"role": "user", "content": "q"}]}, "  ") == (None, "empty_answer")
     assert to_example({"prompt": "legacy"}, "y") == (None, "no_messages")
+    # a Responses API request is the chat request it amounts to
+    resp = {"instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "weather in Paris?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+        "tools": [{"type": "function", "name": "w", "parameters": {}}]}
+    ex, why = to_example(resp, "It is sunny.")
+    assert why == "" and ex is not None and ex["tools"] == req["tools"]
+    assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert ex["messages"][2]["tool_calls"][0]["id"] == "c1" and ex["messages"][3]["tool_call_id"] == "c1"
+    assert to_example({"input": "q", "previous_response_id": "resp_1"}, "y") == (None, "input_chat_cannot_carry")
 
 
 def test_build_filters_and_deduplicates() -> None:

@@ -25,7 +25,11 @@ from typing import Any
 
 import orjson
 
+from margin.providers.base import UpstreamError
+from margin.providers.responses_via_chat import to_chat
+
 ROLES = frozenset({"system", "user", "assistant", "tool"})
+_CHATS = ("chat", "response")  # endpoints whose calls are conversations a chat model can learn
 MIN_EXAMPLES = 10  # OpenAI's fine-tuning API refuses fewer
 Redactor = Callable[[Any], Any]
 Row = Mapping[str, Any]
@@ -56,7 +60,7 @@ def teacher_calls(rows: Iterable[Row], workflow: str) -> list[Row]:
     """The workflow's successful chat calls that count as the teacher's work (no shadow traffic, no
     verifier-rejected cascade steps)."""
     return [r for r in rows if workflow_of(r) == workflow and int(r.get("status") or 0) == 200
-            and (r.get("endpoint") or "chat") == "chat" and not is_shadow(r) and not rejected_by_verifier(r)]
+            and (r.get("endpoint") or "chat") in _CHATS and not is_shadow(r) and not rejected_by_verifier(r)]
 
 
 def spend_by_model(rows: Iterable[Row]) -> dict[str, Decimal]:
@@ -104,8 +108,14 @@ def _content(value: Any) -> tuple[str | None, str]:
 
 
 def to_example(request: Any, answer: str) -> tuple[dict[str, Any] | None, str]:
-    """An OpenAI chat fine-tuning line from a logged request and the answer, or (None, why not)."""
+    """An OpenAI chat fine-tuning line from a logged request (chat, or Responses API read as the
+    chat request it amounts to) and the answer, or (None, why not)."""
     request = _json(request)
+    if isinstance(request, dict) and "input" in request and "messages" not in request:
+        try:
+            request = to_chat("distill", request)
+        except UpstreamError:
+            return None, "input_chat_cannot_carry"
     messages = request.get("messages") if isinstance(request, dict) else None
     if not isinstance(messages, list) or not messages:
         return None, "no_messages"
@@ -199,7 +209,7 @@ def build(rows: Iterable[Row], payloads: Mapping[str, Mapping[str, Any]], workfl
         reason = ""
         if id(r) not in kept:
             reason = ("shadow_traffic" if is_shadow(r) else "rejected_by_verifier" if rejected_by_verifier(r)
-                      else "not_chat" if (r.get("endpoint") or "chat") != "chat" else "failed_call")
+                      else "not_chat" if (r.get("endpoint") or "chat") not in _CHATS else "failed_call")
         elif r.get("model") != ds.teacher:
             reason = "other_model"
         elif outcomes is not None and not r.get("run_id"):
