@@ -370,3 +370,16 @@ def test_stream_converter_sequences_events() -> None:
     assert [e["sequence_number"] for e in events if e] == list(range(len(kinds)))
     final = events[-1]["response"]  # type: ignore[index]
     assert responses.output_text(final) == "heyf{\"a\":1}" and final["usage"]["output_tokens"] == 2
+
+
+def test_a_broken_stream_ends_with_an_error_event(gw: Gateway) -> None:
+    k = gw.create_key(team="broken")
+    with httpx.stream("POST", gw.base_url + "/responses", timeout=30, json={
+            "model": "gpt-4o-mini", "input": "cut me off", "stream": True},
+            headers={"Authorization": f"Bearer {k['key']}", "X-Mock-Reset": "1"}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == "event: response.created" and lines[-2] == "event: error"
+    err = orjson.loads(lines[-1].removeprefix("data: "))
+    assert err["type"] == "error" and err["code"] == "upstream_connection_error"
+    [ev] = gw.events(k["key_id"], expect=1)
+    assert ev["status"] == 502 and ev["usage_source"] == "estimated" and ev["output_tokens"] > 0

@@ -25,6 +25,14 @@ class GatewayError(Exception):
         return orjson.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
                                        "code": self.code}})
 
+    def stream_event(self, endpoint: str) -> bytes:
+        """The error as the last event of a stream that broke: a Responses API stream has typed
+        events (`error`); chat and completion streams an `{"error": ...}` data line."""
+        if endpoint == "response":
+            return b"event: error\ndata: " + orjson.dumps({"type": "error", "code": self.code,
+                                                           "message": self.message, "param": self.param}) + b"\n\n"
+        return b"data: " + self.body() + b"\n\n"
+
 
 class BadRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"

@@ -373,7 +373,7 @@ class Pipeline:
                    else ServerError(f"Internal error in margin: {type(r.failure).__name__}: {r.failure}"))
             ev.status, ev.error_type = err.status, err.code or "upstream_error"
             if not out.disconnected:
-                await out.chunk(b"data: " + err.body() + b"\n\n")
+                await out.chunk(err.stream_event(call.endpoint))
         elif r.upstream_error_event:
             ev.status, ev.error_type = 502, "upstream_error"
         ev.tool_calls = r.tool_calls
