@@ -102,6 +102,23 @@ def test_streamed_answer_replayed_for_a_paraphrase(gw: Gateway) -> None:
     assert "x-margin-cache" not in ask(gw, k, PARAPHRASE).headers
 
 
+def test_responses_api_calls_have_their_own_entries(gw: Gateway) -> None:
+    """A Responses call is served from the semantic cache like chat, from entries of its own shape."""
+    k = gw.create_key(org="responder")["key"]
+
+    def respond(text: str) -> httpx.Response:
+        return httpx.post(gw.base_url + "/responses", timeout=60, headers={"Authorization": f"Bearer {k}"},
+                          json={"model": "faq", "max_output_tokens": 8, "temperature": 0,
+                                "instructions": "You are a support bot.", "input": text})
+
+    first = respond(QUESTION)
+    assert first.status_code == 200 and first.json()["object"] == "response"
+    para = respond(PARAPHRASE)
+    assert para.headers.get("x-margin-cache") == "semantic" and para.json()["output"] == first.json()["output"]
+    # the same question as chat, same tenant and model: a chat entry is never served as a Response
+    assert "x-margin-cache" not in ask(gw, k, PARAPHRASE).headers
+
+
 def test_bad_semantic_config_is_refused(tmp_path: Path, mock_upstream: Mock) -> None:
     from margin.config import ConfigError, parse_config
 

@@ -169,3 +169,16 @@ def test_namespace_grows_and_reuses_deleted_slots() -> None:
             assert not found or found[0][0].answer.body != str(i)  # evicted
         else:
             assert found[0][0].answer.body == str(i) and found[0][1] > 0.999
+
+
+def test_responses_calls_have_their_own_namespace() -> None:
+    a = sp.key("response", "m", {"input": "What is the capital of France?"}, "t", 500)
+    b = sp.key("response", "m", {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "what's France's capital"}]}]}, "t", 500)
+    c = sp.key("chat", "m", {"messages": [{"role": "user", "content": "What is the capital of France?"}]}, "t", 500)
+    assert a is not None and b is not None and c is not None
+    assert (a.text, b.text) == ("What is the capital of France?", "what's France's capital")
+    assert a.context == b.context != c.context  # a string input is one user turn; chat is another namespace
+    other = sp.key("response", "m", {"input": "What is the capital of France?", "instructions": "terse"}, "t", 500)
+    assert other is not None and other.context != a.context
+    assert sp.key("response", "m", {"input": [{"type": "function_call_output", "output": "x"}]}, "t", 500) is None

@@ -28,15 +28,23 @@ class SemanticKey:
     text: str
 
 
-def last_user_text(payload: dict[str, Any]) -> str | None:
-    """The last message's text if it is a user turn of plain text (or text parts only), else None.
+def _turns(endpoint: str, payload: dict[str, Any]) -> list[Any] | None:
+    """A chat's messages, or a Responses call's input items (a string input is one user turn)."""
+    turns = payload.get("messages") if endpoint == "chat" else payload.get("input")
+    if isinstance(turns, str):
+        return [{"role": "user", "content": turns}]
+    return turns if isinstance(turns, list) else None
+
+
+def last_user_text(payload: dict[str, Any], endpoint: str = "chat") -> str | None:
+    """The last turn's text if it is a user turn of plain text (or text parts only), else None.
 
     Images, audio or files in the turn make it unsuitable: the embedding would not see them."""
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
+    turns = _turns(endpoint, payload)
+    if not turns:
         return None
-    last = messages[-1]
-    if not isinstance(last, dict) or last.get("role") != "user":
+    last = turns[-1]
+    if not isinstance(last, dict) or last.get("role") != "user" or last.get("type", "message") != "message":
         return None
     content = last.get("content")
     if isinstance(content, str):
@@ -44,7 +52,7 @@ def last_user_text(payload: dict[str, Any]) -> str | None:
     elif isinstance(content, list):
         parts = []
         for p in content:
-            if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+            if not (isinstance(p, dict) and p.get("type") in ("text", "input_text") and isinstance(p.get("text"), str)):
                 return None
             parts.append(p["text"])
         text = "\n".join(parts)
@@ -57,10 +65,11 @@ def last_user_text(payload: dict[str, Any]) -> str | None:
 def context_hash(endpoint: str, model: str, payload: dict[str, Any], tenant_id: str) -> str:
     """SHA-256 of everything but the last user turn's text (and fields that cannot change the answer)."""
     body = {k: v for k, v in payload.items() if k not in _NOT_IN_KEY}
-    messages = list(body.get("messages") or [])
-    if messages and isinstance(messages[-1], dict):
-        messages[-1] = {**messages[-1], "content": None}
-    body["messages"] = messages
+    field = "messages" if endpoint == "chat" else "input"
+    turns = list(_turns(endpoint, body) or [])
+    if turns and isinstance(turns[-1], dict):
+        turns[-1] = {**turns[-1], "content": None}
+    body[field] = turns
     blob = json.dumps({"e": endpoint, "m": model, "t": tenant_id, "b": body}, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -69,11 +78,12 @@ def context_hash(endpoint: str, model: str, payload: dict[str, Any], tenant_id: 
 def key(endpoint: str, model: str, payload: dict[str, Any], tenant_id: str, max_chars: int) -> SemanticKey | None:
     """The lookup key, or None when the request is not a candidate for the semantic cache.
 
-    Only chat requests; the last turn must be user text of at most `max_chars` characters (MiniLM
-    reads 256 word pieces: two long prompts differing past that point would embed alike)."""
-    if endpoint != "chat":
+    Only chat and Responses API requests (each its own namespace: the endpoint is in the context
+    hash); the last turn must be user text of at most `max_chars` characters (MiniLM reads 256 word
+    pieces: two long prompts differing past that point would embed alike)."""
+    if endpoint not in ("chat", "response"):
         return None
-    text = last_user_text(payload)
+    text = last_user_text(payload, endpoint)
     if text is None or len(text) > max_chars:
         return None
     return SemanticKey(tenant_id, context_hash(endpoint, model, payload, tenant_id), text)
