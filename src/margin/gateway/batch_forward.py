@@ -28,6 +28,7 @@ from margin.gateway import levers
 from margin.gateway.batch_files import PATH_OF, new_id
 from margin.gateway.batch_worker import EVENT_WAIT_S, error_code, event_id_for, json_text
 from margin.gateway.budgets import Admission
+from margin.gateway.calls import turns
 from margin.gateway.errors import GatewayError
 from margin.gateway.request import MAX_TOKENS_FIELD, attribution_for, build_call, parse_tags
 from margin.ledger.keys import row_to_key
@@ -139,7 +140,7 @@ class Forwarder:
         try:
             call = build_call(it["endpoint"], payload, headers, key)
             # Held until the item's window ends (a provider batch may take up to 24 h), plus an hour.
-            adm = await self.app.guard.admit(call, decision, len(it["body"]), len(payload.get("messages") or ()),
+            adm = await self.app.guard.admit(call, decision, len(it["body"]), turns(it["endpoint"], payload),
                                              scratch, ttl_s=max(0.0, float(it["expires_at"]) - time.time()) + 3600)
         except GatewayError:
             return None  # refused now (budget, rate limit): the per-item lane waits and records it

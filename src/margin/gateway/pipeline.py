@@ -233,7 +233,7 @@ class Pipeline:
         ev.model, ev.provider, ev.route_reason = decision.model, decision.provider, decision.reason
         try:
             message = agents.message_hash(call.endpoint, payload) if call.run_id and self.guard.run_caps else ""
-            admission = await self.guard.admit(call, decision, len(body), len(payload.get("messages") or ()), ev,
+            admission = await self.guard.admit(call, decision, len(body), calls.turns(call.endpoint, payload), ev,
                                                message)
             upstream_payload = dict(payload)
             if admission is not None:
