@@ -248,6 +248,15 @@ def test_cap_is_set_from_the_remaining_budget_when_the_client_gives_none() -> No
     assert p.refusal.code == "budget_exceeded"  # type: ignore[attr-defined]
 
 
+def test_an_endpoint_minimum_output_refuses_a_smaller_cap() -> None:
+    # $0.0026 left: the 1000-token prompt bound takes $0.0025, leaving 10 output tokens at $10/MTok.
+    assert run_plan(dept_budget(), at("99.9974"), max_tokens=None).max_tokens == 10  # type: ignore[attr-defined]
+    p = plan(dims={"team": "research"}, model="gpt-4o", budgets=[dept_budget()], rate_limits=(),
+             snapshot=at("99.9974"), price=price, prompt_bound=1000, max_tokens=None, model_max_output=4096,
+             priority="", now=NOW, min_output=16)  # the Responses API refuses max_output_tokens < 16
+    assert p.refusal is not None and p.refusal.code == "budget_exceeded"
+
+
 def test_rate_limits_become_bucket_holds() -> None:
     p = run_plan(dept_budget(), {}, limits=(RateLimit("team-rl", (("team", "*"),), rpm=60, tpm=10_000),))
     kinds = [(h.kind, h.key.rsplit(":", 1)[-1], h.amount) for h in p.holds]  # type: ignore[attr-defined]

@@ -383,3 +383,139 @@ def test_a_broken_stream_ends_with_an_error_event(gw: Gateway) -> None:
     assert err["type"] == "error" and err["code"] == "upstream_connection_error"
     [ev] = gw.events(k["key_id"], expect=1)
     assert ev["status"] == 502 and ev["usage_source"] == "estimated" and ev["output_tokens"] > 0
+
+
+# -- review fixes ---------------------------------------------------------------------------------------
+
+def test_chat_translation_refuses_what_it_would_drop() -> None:
+    tool_image = {"input": [{"type": "function_call_output", "call_id": "c", "output": [
+        {"type": "input_image", "image_url": "u"}]}]}
+    for payload, what in [(tool_image, "images in an assistant turn or a tool output"),
+                          ({"input": "x", "prompt": {"id": "pmpt_1"}}, "'prompt'"),
+                          ({"input": "x", "max_tool_calls": 3}, "'max_tool_calls'"),
+                          ({"input": "x", "tool_choice": {"type": "allowed_tools", "tools": []}},
+                           "a tool_choice of type 'allowed_tools'")]:
+        with pytest.raises(via.Unsupported, match=what):
+            via.to_chat("p", payload)
+    assert "parallel_tool_calls" not in via.to_chat("p", {"input": "x", "parallel_tool_calls": True})
+
+
+def test_chat_usage_keeps_every_providers_cache_fields() -> None:
+    anthropic_style = {"prompt_tokens": 20, "completion_tokens": 5, "cache_read_input_tokens": 80,
+                       "cache_creation_input_tokens": 10}
+    u = via.usage(anthropic_style)
+    assert u is not None and (u["input_tokens"], u["output_tokens"]) == (110, 5)
+    assert u["input_tokens_details"] == {"cached_tokens": 80, "cache_write_tokens": 10}
+    from margin.providers.usage import parse_usage
+
+    metered = parse_usage({"usage": u})  # what the gateway meters from the translated answer
+    assert metered is not None
+    assert (metered.input_tokens, metered.cached_input_tokens, metered.cache_write_tokens) == (110, 80, 10)
+
+
+def test_reasoning_and_content_filter_come_through() -> None:
+    whole = via.from_chat({}, {"id": "r", "choices": [{"finish_reason": "content_filter", "message": {
+        "content": "partial", "reasoning_content": "thinking"}}]})
+    assert [o["type"] for o in whole["output"]] == ["reasoning", "message"]
+    assert whole["status"] == "incomplete" and whole["incomplete_details"] == {"reason": "content_filter"}
+    conv = via.StreamConverter({})
+    events = [c.data for d in ({"id": "s", "choices": [{"delta": {"reasoning_content": "hm"}}]},
+                               {"id": "s", "choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]})
+              for c in conv.feed(d)] + [c.data for c in conv.close()]
+    kinds = [e["type"] for e in events if e]
+    assert "response.reasoning_text.delta" in kinds and kinds[-1] == "response.completed"
+    final = events[-1]["response"]  # type: ignore[index]
+    assert [o["type"] for o in final["output"]] == ["reasoning", "message"]
+    assert "".join(responses.event_text(e) for e in events if e) == "hmok"  # what the relay bills
+
+
+def test_background_is_refused_with_a_way_out(gw: Gateway) -> None:
+    k = gw.create_key(team="t")
+    r = httpx.post(gw.base_url + "/responses", timeout=30, headers={"Authorization": f"Bearer {k['key']}"},
+                   json={"model": "gpt-4o-mini", "input": "later", "background": True})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "background" and "X-Margin-Priority: low" in err["message"]
+
+
+def test_whether_a_response_was_stored_is_part_of_its_cache_key() -> None:
+    from margin.policy.cache import cache_key
+
+    def key(endpoint: str, store: bool) -> str:
+        return cache_key(endpoint, "m", {"input": "q", "messages": [], "store": store}, "t")
+
+    assert key("response", True) != key("response", False)
+    assert key("chat", True) == key("chat", False)
+
+
+def test_stateful_responses_calls_route_to_providers_that_keep_state() -> None:
+    from margin.domain import Attribution, Call
+    from margin.gateway.calls import needed_capabilities
+    from margin.policy import route
+    from margin.pricing import PriceBook
+    from margin.wiring import targets
+
+    cfg = parse_config({
+        "providers": [{"name": "cloud", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"},
+                      {"name": "local", "kind": "llamacpp-server", "base_url": "http://127.0.0.1:2/v1"}],
+        "models": [{"name": "cloud-m", "provider": "cloud", "price": {"genai_prices": "openai/gpt-4o-mini"}},
+                   {"name": "local-m", "provider": "local", "price": {"per_million": {"input": "0", "output": "0"}}}],
+        "groups": [{"name": "cheap", "candidates": ["local-m", "cloud-m"], "strategy": "cheapest"}]})
+    t = targets(cfg.models, cfg.providers, PriceBook(cfg.models))
+    groups = {"cheap": route.Group("cheap", ("local-m", "cloud-m"), "cheapest")}
+    call = Call(endpoint="response", requested_model="cheap", stream=False, attribution=Attribution())
+
+    def served(payload: dict[str, Any]) -> str:
+        d = route.decide(call, t, (), groups, route.Need(10, 10, needed_capabilities(payload)))
+        assert isinstance(d, route.RouteDecision), d
+        return d.model
+
+    assert served({"input": "hi"}) == "local-m"  # free, and chat carries it
+    assert served({"input": "hi", "previous_response_id": "resp_1"}) == "cloud-m"
+    assert served({"input": "hi", "tools": [{"type": "web_search"}]}) == "cloud-m"
+
+
+def test_pools_read_responses_usage() -> None:
+    from margin.providers.pool import _usage
+
+    assert _usage({"object": "response", "usage": {"input_tokens": 3, "output_tokens": 2}}) == (3, 2)
+    assert _usage({"type": "response.completed", "response": {"usage": {"input_tokens": 4, "output_tokens": 1}}}) == (
+        4, 1)
+    assert _usage({"usage": {"prompt_tokens": 5, "completion_tokens": 6}}) == (5, 6)
+
+
+def test_an_error_event_ends_a_responses_stream() -> None:
+    """Nothing follows an `error` event: the stream ends there, not at a timeout or a reset."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from margin.config import ProviderConfig
+    from margin.providers.openai_http import OpenAIHTTPProvider
+
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'event: response.created\ndata: {"type":"response.created","response":{}}\n\n')
+        await resp.write(b'event: error\ndata: {"type":"error","code":"server_error","message":"boom"}\n\n')
+        await asyncio.wait_for(release.wait(), 5)  # the connection stays open after the error
+        return resp
+
+    async def run() -> list[Chunk]:
+        app = web.Application()
+        app.router.add_post("/v1/responses", handler)
+        server = TestServer(app)
+        await server.start_server()
+        p = OpenAIHTTPProvider(ProviderConfig(name="x", kind="openai", base_url=str(server.make_url("/v1")),
+                                              timeout_s=3))
+        await p.start()
+        try:
+            return [c async for c in p.stream("response", {"model": "m", "input": "x", "stream": True})]
+        finally:
+            release.set()
+            await p.close()
+            await server.close()
+
+    chunks = asyncio.run(run())
+    assert [c.data["type"] if c.data else None for c in chunks] == ["response.created", "error", None]
+    assert chunks[1].raw.startswith(b"event: error\n")

@@ -13,12 +13,13 @@ from margin.config import (
     Config,
     GroupConfig,
     ModelConfig,
+    ProviderConfig,
     RateLimitConfig,
     RunCapConfig,
 )
 from margin.domain.budget import Budget, BudgetUnit, RateLimit, RunCap, Threshold, duration_s
 from margin.policy.compress import CompressPolicy
-from margin.policy.route import Group, Rule, Target
+from margin.policy.route import RESPONSES_STATE, Group, Rule, Target
 from margin.pricing import ModelRates, PriceBook
 
 
@@ -42,14 +43,17 @@ def to_run_cap(c: RunCapConfig) -> RunCap:
                   c.max_repeats, c.on_cap, c.webhook, c.run_ttl_s)
 
 
-def targets(models: Sequence[ModelConfig], prices: PriceBook) -> dict[str, Target]:
-    return {m.name: target(m, prices.rates(m.name)) for m in models}
+def targets(models: Sequence[ModelConfig], providers: Sequence[ProviderConfig], prices: PriceBook) -> dict[str, Target]:
+    native = {p.name for p in providers if p.responses_native}
+    return {m.name: target(m, prices.rates(m.name), m.provider in native) for m in models}
 
 
-def target(m: ModelConfig, rates: ModelRates) -> Target:
-    """A servable model as routing sees it (list prices only rank candidates; money is metered)."""
+def target(m: ModelConfig, rates: ModelRates, responses_native: bool = True) -> Target:
+    """A servable model as routing sees it (list prices only rank candidates; money is metered).
+    A provider with its own /responses also carries what only it can (capability `responses_state`)."""
+    caps = frozenset(m.capabilities) | ({RESPONSES_STATE} if responses_native else frozenset())
     return Target(m.name, m.provider, m.upstream_id, context_window=m.context_window,
-                  capabilities=frozenset(m.capabilities), tiers=frozenset(m.tiers), quality=m.quality,
+                  capabilities=caps, tiers=frozenset(m.tiers), quality=m.quality,
                   input_per_mtok=float(rates.input.base), output_per_mtok=float(rates.output.base),
                   fallbacks=tuple(m.fallbacks))
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# A streamed response ends with one of these; there is no `data: [DONE]` sentinel.
+# A streamed response ends with one of these; there is no `data: [DONE]` sentinel. An `error`
+# event ends it too (nothing follows it).
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+ENDING_EVENTS = TERMINAL_EVENTS | {"error"}
+MIN_OUTPUT_TOKENS = 16  # OpenAI refuses a max_output_tokens below this
 # Events that carry a piece of the answer (text, refusal, reasoning, a function call's arguments).
 _DELTA_EVENTS = frozenset({"response.output_text.delta", "response.refusal.delta",
                            "response.reasoning_text.delta", "response.reasoning_summary_text.delta",

@@ -106,7 +106,7 @@ class MarginApp:
         from margin.gateway.pools import Pools
 
         self.pools = Pools(self.providers, self.telemetry)  # self-hosted pools: load gauges, autoscaling advice
-        self.targets = wiring.targets(cfg.models, self.prices)
+        self.targets = wiring.targets(cfg.models, cfg.providers, self.prices)
         self.groups = {g.name: wiring.group(g) for g in cfg.groups}
         self.breakers = Breakers(cfg.circuit_breaker.failures, cfg.circuit_breaker.cooldown_s)
         self.guard = BudgetGuard(cfg, self.prices, make_state(cfg.state), self.telemetry)

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from margin.config import BudgetConfig, Config
-from margin.domain import Call, Event, RouteDecision
+from margin.domain import Call, Event, RouteDecision, responses
 from margin.domain.budget import Budget, CounterState, Hold, Threshold, to_units
 from margin.gateway.errors import GatewayError
 from margin.policy import agents
@@ -124,6 +124,7 @@ class BudgetGuard:
             prompt_bound=policy.input_bound(body_len, n_messages), max_tokens=call.max_tokens,
             model_max_output=model_cfg.output_cap, priority=call.priority, now=now, provider_of=self._provider,
             extra=run.dollars if run else (), extra_holds=run.holds if run else (),
+            min_output=responses.MIN_OUTPUT_TOKENS if call.endpoint == "response" else 1,
         )
         p = policy.plan(model=decision.model, snapshot=self.snapshot, **args)
         self._notify(p, ev)

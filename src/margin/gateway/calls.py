@@ -14,6 +14,7 @@ from margin.config import RetryConfig
 from margin.domain import Endpoint, Event, RouteDecision, Usage, responses
 from margin.gateway.errors import UpstreamFailed
 from margin.gateway.stream import Relayed
+from margin.policy.route import RESPONSES_STATE
 from margin.pricing import PriceBook
 from margin.pricing.tokens import count_messages, count_prompt, count_text
 from margin.providers.base import UpstreamConnectionError, UpstreamError, UpstreamTimeout
@@ -48,6 +49,9 @@ def needed_capabilities(payload: dict[str, Any]) -> frozenset[str]:
     need = set()
     if payload.get("tools") or payload.get("functions"):
         need.add("tools")
+    if payload.get("previous_response_id") or payload.get("conversation") or any(
+            isinstance(t, dict) and t.get("type") != "function" for t in payload.get("tools") or ()):
+        need.add(RESPONSES_STATE)
     text = payload.get("text")  # the Responses API's response_format
     rf = payload.get("response_format") or (text.get("format") if isinstance(text, dict) else None)
     if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):

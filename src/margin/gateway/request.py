@@ -58,6 +58,10 @@ def _check_fields(endpoint: Endpoint, p: dict[str, Any]) -> None:
     value = p.get(field)
     if value is None:
         raise BadRequest(f"Missing required parameter: '{field}'", param=field, code="missing_required_parameter")
+    if endpoint == "response" and p.get("background"):
+        raise BadRequest("'background' responses are polled with GET /v1/responses/{id}, which margin does not "
+                         "proxy; send the call without it (margin's batch lane defers work: "
+                         "X-Margin-Priority: low)", param="background", code="unsupported_parameter")
     if endpoint == "response" and isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, dict):

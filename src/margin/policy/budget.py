@@ -149,12 +149,13 @@ def plan(
     *, dims: Mapping[str, str], model: str, budgets: Sequence[Budget], rate_limits: Sequence[RateLimit],
     snapshot: Mapping[str, CounterState], price: PriceFn, prompt_bound: int, max_tokens: int | None,
     model_max_output: int, priority: str, now: datetime, provider_of: Callable[[str], str] | None = None,
-    extra: Sequence[Applied] = (), extra_holds: Sequence[Hold] = (),
+    extra: Sequence[Applied] = (), extra_holds: Sequence[Hold] = (), min_output: int = 1,
 ) -> BudgetPlan:
     """Decide what a call needs from its budgets. `snapshot` is the latest known counter state
     (it steers thresholds; the hard limit is enforced by the atomic reservation of `holds`).
     `extra`: budget-like limits already applied (an agent run's dollar cap); `extra_holds`: other
-    counters to reserve in the same all-or-nothing step (a run's call and repeat counts)."""
+    counters to reserve in the same all-or-nothing step (a run's call and repeat counts);
+    `min_output`: the smallest output cap the endpoint accepts (a budget that affords less refuses)."""
     p = BudgetPlan(model=model)
     for _ in range(3):  # a downgrade may lead to another budget's downgrade; bounded
         d = dict(dims, model=p.model, provider=provider_of(p.model) if provider_of else dims.get("provider", ""))
@@ -170,7 +171,7 @@ def plan(
     out = max_tokens
     if out is None and p.applied:
         out = affordable_output(p.applied, snapshot, price, p.model, prompt_bound, model_max_output)
-        if out < 1:
+        if out < min_output:
             tight = min(p.applied, key=lambda a: _remaining(a, snapshot))
             p.refusal = exceeded(tight, snapshot.get(tight.key, CounterState()), now)
             return p

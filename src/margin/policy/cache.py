@@ -13,6 +13,13 @@ from typing import Any
 from margin.domain import Attribution
 
 _NOT_IN_KEY = frozenset({"model", "user", "metadata", "store", "service_tier", "prompt_cache_key"})
+# A Responses answer's id can be chained on (previous_response_id) only if the provider stored it,
+# so whether it was stored is part of what a Responses request gets back.
+_NOT_IN_RESPONSE_KEY = _NOT_IN_KEY - {"store"}
+
+
+def not_in_key(endpoint: str) -> frozenset[str]:
+    return _NOT_IN_RESPONSE_KEY if endpoint == "response" else _NOT_IN_KEY
 
 
 def tenant(a: Attribution, scope: str) -> str:
@@ -34,7 +41,8 @@ def cacheable(payload: dict[str, Any], allow_nondeterministic: bool) -> bool:
 
 
 def cache_key(endpoint: str, model: str, payload: dict[str, Any], tenant_id: str) -> str:
-    body = {k: v for k, v in payload.items() if k not in _NOT_IN_KEY}
+    skip = not_in_key(endpoint)
+    body = {k: v for k, v in payload.items() if k not in skip}
     blob = json.dumps({"e": endpoint, "m": model, "t": tenant_id, "b": body}, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from margin.domain import Call, RouteDecision
 
+# What a Responses call needs from a provider that serves /responses itself: stored state
+# (previous_response_id, conversation) and built-in tools do not survive translation to chat.
+RESPONSES_STATE = "responses_state"
+
 
 @dataclass(frozen=True, slots=True)
 class Target:

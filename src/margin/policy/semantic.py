@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from margin.policy.cache import _NOT_IN_KEY
+from margin.policy.cache import not_in_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,8 @@ def last_user_text(payload: dict[str, Any], endpoint: str = "chat") -> str | Non
 
 def context_hash(endpoint: str, model: str, payload: dict[str, Any], tenant_id: str) -> str:
     """SHA-256 of everything but the last user turn's text (and fields that cannot change the answer)."""
-    body = {k: v for k, v in payload.items() if k not in _NOT_IN_KEY}
+    skip = not_in_key(endpoint)
+    body = {k: v for k, v in payload.items() if k not in skip}
     field = "messages" if endpoint == "chat" else "input"
     turns = list(_turns(endpoint, body) or [])
     if turns and isinstance(turns[-1], dict):

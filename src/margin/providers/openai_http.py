@@ -10,7 +10,7 @@ import orjson
 
 from margin.config import ProviderConfig
 from margin.domain import Endpoint
-from margin.domain.responses import TERMINAL_EVENTS
+from margin.domain.responses import ENDING_EVENTS
 from margin.providers.base import Chunk, Reply, UpstreamConnectionError, UpstreamError, UpstreamTimeout
 
 PATHS: dict[str, str] = {
@@ -174,7 +174,7 @@ class OpenAIHTTPProvider:
                         raise UpstreamError(502, f"{self.name} streamed an event that is not JSON",
                                             "invalid_upstream_response") from None
                     yield Chunk(named + b"data: " + data.replace(b"\n", b"") + b"\n\n", parsed)
-                    if endpoint == "response" and isinstance(parsed, dict) and parsed.get("type") in TERMINAL_EVENTS:
+                    if endpoint == "response" and isinstance(parsed, dict) and parsed.get("type") in ENDING_EVENTS:
                         done = True  # a response stream ends with its terminal event, not [DONE]
                         yield Chunk(b"", None)
                         break

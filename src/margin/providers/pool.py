@@ -23,6 +23,7 @@ import aiohttp
 
 from margin.config import ProviderConfig, ReplicaConfig
 from margin.domain import Endpoint
+from margin.domain.responses import TERMINAL_EVENTS
 from margin.policy.balance import Choice, ReplicaLoad, ReplicaStatus, affinity_key, choose
 from margin.providers import with_responses
 from margin.providers.base import Chunk, Provider, Reply, UpstreamConnectionError
@@ -86,10 +87,14 @@ def _same_server(a: str, b: str) -> bool:
 
 
 def _usage(data: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    """(input, output) tokens of a chat answer or chunk, or of a Responses answer or terminal event."""
+    if data and isinstance(data.get("response"), dict):  # a Responses stream's terminal event
+        data = data["response"]
     u = data.get("usage") if data else None
     if not isinstance(u, dict):
         return None, None
-    i, o = u.get("prompt_tokens"), u.get("completion_tokens")
+    i = u.get("prompt_tokens", u.get("input_tokens"))
+    o = u.get("completion_tokens", u.get("output_tokens"))
     return (i if isinstance(i, int) else None), (o if isinstance(o, int) else None)
 
 
@@ -275,9 +280,9 @@ class PoolProvider:
             chunk, meta = first, self._action(r, c, tried)
             while True:
                 if chunk.data is not None:
-                    if chunk.data.get("usage"):
+                    if chunk.data.get("usage") or chunk.data.get("type") in TERMINAL_EVENTS:
                         tokens = _usage(chunk.data)
-                    if chunk.data.get("choices"):
+                    if chunk.data.get("choices") or chunk.data.get("type") == "response.output_text.delta":
                         t_last = time.monotonic()
                         t_first = t_first if t_first is not None else t_last
                         n += 1

@@ -18,8 +18,15 @@ import orjson
 
 from margin.domain import Endpoint
 from margin.providers.base import Chunk, Provider, Reply, UpstreamError
+from margin.providers.usage import parse_usage
 
 _COPIED = ("temperature", "top_p", "parallel_tool_calls", "user", "stream")
+# Asked for, but chat completions have nothing that does it: refused rather than dropped.
+_REFUSED = (("previous_response_id", "'previous_response_id' (stored responses)"),
+            ("conversation", "'conversation' (stored responses)"),
+            ("background", "'background' (responses run and polled on the provider)"),
+            ("prompt", "'prompt' (prompt templates stored on the provider)"),
+            ("max_tool_calls", "'max_tool_calls'"))
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 
 
@@ -41,8 +48,10 @@ def _parts(provider: str, content: Any, assistant: bool) -> Any:
             parts.append({"type": "image_url", "image_url": {"url": p["image_url"], "detail": p.get("detail", "auto")}})
         else:
             raise Unsupported(provider, f"a '{kind}' content part")
-    if assistant or all(p["type"] == "text" for p in parts):  # plain text: the form every server reads
+    if all(p["type"] == "text" for p in parts):  # plain text: the form every server reads
         return "".join(p["text"] for p in parts)
+    if assistant:
+        raise Unsupported(provider, "images in an assistant turn or a tool output")
     return parts
 
 
@@ -75,9 +84,9 @@ def _messages(provider: str, payload: Mapping[str, Any]) -> list[dict[str, Any]]
 
 def to_chat(provider: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     """The chat request that asks what `payload` asks."""
-    for stored in ("previous_response_id", "conversation"):
-        if payload.get(stored):
-            raise Unsupported(provider, f"'{stored}' (stored responses)")
+    for field, what in _REFUSED:
+        if payload.get(field):
+            raise Unsupported(provider, what)
     chat: dict[str, Any] = {"model": payload.get("model"), "messages": _messages(provider, payload)}
     chat.update({k: payload[k] for k in _COPIED if k in payload})
     if isinstance(payload.get("max_output_tokens"), int):
@@ -90,11 +99,16 @@ def to_chat(provider: str, payload: Mapping[str, Any]) -> dict[str, Any]:
                                                        if k in t}})
     if tools:
         chat["tools"] = tools
+    else:
+        chat.pop("parallel_tool_calls", None)  # chat refuses it without tools
     choice = payload.get("tool_choice")
     if isinstance(choice, str):
         chat["tool_choice"] = choice
     elif isinstance(choice, dict) and choice.get("type") == "function":
         chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        raise Unsupported(provider, f"a tool_choice of type '{kind}'")
     fmt = (payload.get("text") or {}).get("format") if isinstance(payload.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {
@@ -107,27 +121,32 @@ def to_chat(provider: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     include = payload.get("include")
     if isinstance(include, list) and "message.output_text.logprobs" in include:
         chat["logprobs"] = True
+        if isinstance(payload.get("top_logprobs"), int):
+            chat["top_logprobs"] = payload["top_logprobs"]
     if chat.get("stream"):
         chat["stream_options"] = {"include_usage": True}
     return chat
 
 
 def usage(u: Any) -> dict[str, Any] | None:
-    """Chat usage under the Responses API's names."""
-    if not isinstance(u, dict):
+    """Chat usage under the Responses API's names, read as margin meters chat (cache reads and
+    writes in any provider's spelling; `cache_write_tokens` is margin's, so they stay priced)."""
+    parsed = parse_usage({"usage": u})
+    if parsed is None:
         return None
-    pd, cd = u.get("prompt_tokens_details") or {}, u.get("completion_tokens_details") or {}
-    inp, out = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": int(pd.get("cached_tokens") or 0)},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": int(cd.get("reasoning_tokens") or 0)},
-            "total_tokens": int(u.get("total_tokens") or inp + out)}
+    return {"input_tokens": parsed.input_tokens,
+            "input_tokens_details": {"cached_tokens": parsed.cached_input_tokens,
+                                     **({"cache_write_tokens": parsed.cache_write_tokens}
+                                        if parsed.cache_write_tokens else {})},
+            "output_tokens": parsed.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": parsed.reasoning_tokens},
+            "total_tokens": parsed.input_tokens + parsed.output_tokens}
 
 
 def _response(req: Mapping[str, Any], rid: str, model: str, status: str, output: list[dict[str, Any]],
               use: dict[str, Any] | None, created: int | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "response", "created_at": created or int(time.time()), "status": status,
-            "model": model, "output": output, "usage": use, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "model": model, "output": output, "usage": use, "error": None, "incomplete_details": None,
             "instructions": req.get("instructions"), "max_output_tokens": req.get("max_output_tokens"),
             "metadata": req.get("metadata") or {}, "parallel_tool_calls": req.get("parallel_tool_calls", True),
             "previous_response_id": None, "temperature": req.get("temperature"), "top_p": req.get("top_p"),
@@ -143,6 +162,11 @@ def _message(rid: str, text: str, done: bool, logprobs: list[dict[str, Any]] | N
             "status": "completed" if done else "in_progress", "content": [part] if done else []}
 
 
+def _reasoning(rid: str, text: str, done: bool) -> dict[str, Any]:
+    return {"id": "rs_" + rid, "type": "reasoning", "summary": [], "status": "completed" if done else "in_progress",
+            "content": [{"type": "reasoning_text", "text": text}] if done else []}
+
+
 def _function_call(call_id: str, name: str, arguments: str, done: bool) -> dict[str, Any]:
     return {"id": "fc_" + call_id, "type": "function_call", "status": "completed" if done else "in_progress",
             "call_id": call_id, "name": name, "arguments": arguments}
@@ -155,6 +179,8 @@ def from_chat(req: Mapping[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     choice = choices[0] if isinstance(choices[0], dict) else {}
     msg = choice.get("message") or {}
     output: list[dict[str, Any]] = []
+    if isinstance(msg.get("reasoning_content"), str) and msg["reasoning_content"]:
+        output.append(_reasoning(rid, msg["reasoning_content"], True))
     text = msg.get("content") or msg.get("refusal")
     if text:
         lp = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
@@ -162,9 +188,19 @@ def from_chat(req: Mapping[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     for tc in msg.get("tool_calls") or ():
         fn = tc.get("function") or {}
         output.append(_function_call(str(tc.get("id")), str(fn.get("name")), str(fn.get("arguments") or ""), True))
-    status = "incomplete" if choice.get("finish_reason") == "length" else "completed"
-    return _response(req, "resp_" + rid, str(data.get("model") or req.get("model")), status, output,
-                     usage(data.get("usage")), data.get("created"))
+    r = _response(req, "resp_" + rid, str(data.get("model") or req.get("model")), "completed", output,
+                  usage(data.get("usage")), data.get("created"))
+    _finish(r, str(choice.get("finish_reason") or ""))
+    if isinstance(data.get("timings"), dict):  # llama.cpp's server-side timings: pools read them
+        r["timings"] = data["timings"]
+    return r
+
+
+def _finish(r: dict[str, Any], finish_reason: str) -> None:
+    """A chat finish reason as the Response's status: cut short (length, content filter) is incomplete."""
+    reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason)
+    if reason:
+        r["status"], r["incomplete_details"] = "incomplete", {"reason": reason}
 
 
 def _event(kind: str, seq: int, **fields: Any) -> Chunk:
@@ -181,7 +217,9 @@ class StreamConverter:
         self.rid = ""
         self.model = str(req.get("model") or "")
         self.text = ""
+        self.reasoning = ""
         self.message_at: int | None = None  # output index of the message item, once opened
+        self.reasoning_at: int | None = None  # ... and of the reasoning item
         self.calls: dict[int, tuple[int, dict[str, Any]]] = {}  # chat tool-call index -> (output index, item)
         self.opened = 0  # output items opened so far
         self.finish = ""
@@ -209,6 +247,15 @@ class StreamConverter:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta") or {}
+            thought = delta.get("reasoning_content")
+            if isinstance(thought, str) and thought:
+                if self.reasoning_at is None:
+                    self.reasoning_at, self.opened = self.opened, self.opened + 1
+                    out.append(self._ev("response.output_item.added", output_index=self.reasoning_at,
+                                        item=_reasoning(self.rid, "", False)))
+                self.reasoning += thought
+                out.append(self._ev("response.reasoning_text.delta", output_index=self.reasoning_at, content_index=0,
+                                    item_id="rs_" + self.rid, delta=thought))
             piece = delta.get("content") or delta.get("refusal")
             if isinstance(piece, str) and piece:
                 if self.message_at is None:
@@ -247,6 +294,10 @@ class StreamConverter:
         """The closing events once the chat stream said [DONE]: items done, then the response."""
         out = [] if self.rid else self._start({})
         items: list[tuple[int, dict[str, Any]]] = []
+        if self.reasoning_at is not None:
+            out.append(self._ev("response.reasoning_text.done", output_index=self.reasoning_at, content_index=0,
+                                item_id="rs_" + self.rid, text=self.reasoning))
+            items.append((self.reasoning_at, _reasoning(self.rid, self.reasoning, True)))
         if self.message_at is not None:
             msg, rid = _message(self.rid, self.text, True), "msg_" + self.rid
             out.append(self._ev("response.output_text.done", output_index=self.message_at, content_index=0,
@@ -262,9 +313,9 @@ class StreamConverter:
         items.sort(key=lambda x: x[0])
         for at, item in items:
             out.append(self._ev("response.output_item.done", output_index=at, item=item))
-        status = "incomplete" if self.finish == "length" else "completed"
-        final = _response(self.req, "resp_" + self.rid, self.model, status, [it for _, it in items], self.usage)
-        out.append(self._ev(f"response.{status}", response=final))
+        final = _response(self.req, "resp_" + self.rid, self.model, "completed", [it for _, it in items], self.usage)
+        _finish(final, self.finish)
+        out.append(self._ev(f"response.{final['status']}", response=final))
         return out
 
 

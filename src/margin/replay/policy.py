@@ -86,7 +86,7 @@ class Policy:
         except PricingError as e:
             raise ConfigError(f"{name}: {e}") from None
         self.models: dict[str, ModelConfig] = {m.name: m for m in cfg.models}
-        self.targets = wiring.targets(cfg.models, self.prices)
+        self.targets = wiring.targets(cfg.models, cfg.providers, self.prices)
         self.groups = {g.name: wiring.group(g) for g in cfg.groups}
         self.budgets = [wiring.to_budget(b) for b in cfg.budgets]
         self.rate_limits = [wiring.to_rate_limit(r) for r in cfg.rate_limits]
