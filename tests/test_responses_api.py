@@ -519,3 +519,12 @@ def test_an_error_event_ends_a_responses_stream() -> None:
     chunks = asyncio.run(run())
     assert [c.data["type"] if c.data else None for c in chunks] == ["response.created", "error", None]
     assert chunks[1].raw.startswith(b"event: error\n")
+
+
+def test_every_client_run_call_is_a_tool_call() -> None:
+    data = {"object": "response", "output": [
+        {"type": "function_call"}, {"type": "custom_tool_call"}, {"type": "computer_call"},
+        {"type": "web_search_call"}, {"type": "mcp_call"}, {"type": "message", "content": []}]}
+    assert responses.tool_calls(data) == 3  # web search and MCP run at the provider, not as agent steps
+    assert responses.event_tool_call({"type": "response.output_item.added", "item": {"type": "custom_tool_call"}})
+    assert not responses.event_tool_call({"type": "response.output_item.added", "item": {"type": "mcp_call"}})

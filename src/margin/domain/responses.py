@@ -18,8 +18,10 @@ MIN_OUTPUT_TOKENS = 16  # OpenAI refuses a max_output_tokens below this
 # Events that carry a piece of the answer (text, refusal, reasoning, a function call's arguments).
 _DELTA_EVENTS = frozenset({"response.output_text.delta", "response.refusal.delta",
                            "response.reasoning_text.delta", "response.reasoning_summary_text.delta",
-                           "response.function_call_arguments.delta"})
+                           "response.function_call_arguments.delta", "response.custom_tool_call_input.delta"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+# Output items the client runs (an agent step each); web search, MCP and the like run at the provider.
+CLIENT_CALLS = frozenset({"function_call", "custom_tool_call", "computer_call", "local_shell_call"})
 
 
 def _text(content: Any) -> str:
@@ -67,8 +69,8 @@ def output_text(data: dict[str, Any]) -> str:
 
 
 def tool_calls(data: dict[str, Any]) -> int:
-    """Function calls a whole response asks the client to run (what run caps count)."""
-    return sum(1 for item in data.get("output") or () if isinstance(item, dict) and item.get("type") == "function_call")
+    """Tool calls a whole response asks the client to run (what run caps count)."""
+    return sum(1 for item in data.get("output") or () if isinstance(item, dict) and item.get("type") in CLIENT_CALLS)
 
 
 def is_event(data: dict[str, Any]) -> bool:
@@ -86,10 +88,10 @@ def event_text(data: dict[str, Any]) -> str:
 
 
 def event_tool_call(data: dict[str, Any]) -> bool:
-    """True for the event that opens a function call (one per call)."""
+    """True for the event that opens a call the client runs (one per call)."""
     item = data.get("item")
     return (data.get("type") == "response.output_item.added" and isinstance(item, dict)
-            and item.get("type") == "function_call")
+            and item.get("type") in CLIENT_CALLS)
 
 
 def event_response(data: dict[str, Any]) -> dict[str, Any] | None:
