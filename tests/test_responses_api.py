@@ -528,3 +528,18 @@ def test_every_client_run_call_is_a_tool_call() -> None:
     assert responses.tool_calls(data) == 3  # web search and MCP run at the provider, not as agent steps
     assert responses.event_tool_call({"type": "response.output_item.added", "item": {"type": "custom_tool_call"}})
     assert not responses.event_tool_call({"type": "response.output_item.added", "item": {"type": "mcp_call"}})
+
+
+def test_a_fallback_that_cannot_serve_the_call_is_skipped() -> None:
+    from margin.domain import Attribution, Call
+    from margin.policy import route
+
+    t = {"cloud": route.Target("cloud", "p1", "c", capabilities=frozenset({"tools", "json", route.RESPONSES_STATE}),
+                               fallbacks=("local", "cloud2")),
+         "local": route.Target("local", "p2", "l"),
+         "cloud2": route.Target("cloud2", "p3", "c2", capabilities=frozenset({"tools", "json", route.RESPONSES_STATE}))}
+    call = Call(endpoint="response", requested_model="cloud", stream=False, attribution=Attribution())
+    stateful = route.decide(call, t, (), need=route.Need(capabilities=frozenset({route.RESPONSES_STATE})))
+    plain = route.decide(call, t, ())
+    assert isinstance(stateful, route.RouteDecision) and stateful.fallbacks == ("cloud2",)
+    assert isinstance(plain, route.RouteDecision) and plain.fallbacks == ("local", "cloud2")

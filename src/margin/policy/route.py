@@ -239,7 +239,9 @@ def _concrete(call: Call, targets: Mapping[str, Target], allowed: tuple[str, ...
     if call.endpoint not in t.endpoints:
         return Refusal(400, "unsupported_endpoint",
                        f"The model '{t.model}' does not serve the {call.endpoint} endpoint", "model")
-    fallbacks = tuple(m for m in t.fallbacks if m in targets and (not allowed or m in allowed))
+    # A fallback must be able to serve the call (its endpoint, what it needs: tools, vision, state).
+    fallbacks = tuple(m for m in t.fallbacks if m in targets and (not allowed or m in allowed)
+                      and call.endpoint in targets[m].endpoints and need.capabilities <= targets[m].capabilities)
     if t.provider in health.open_providers and fallbacks:
         first = targets[fallbacks[0]]
         return _decision(first, f"circuit open on {t.provider}: fallback from {t.model}", fallbacks[1:])
