@@ -154,6 +154,5 @@ class MockBatches:
             n, finish = cap, "length"
         tokens = mock_text.tokens_for(self.seed, model, prompt, n)
         use = mock_text.usage(prompt_tokens, len(tokens), int(prompt_tokens * self.cached_fraction), 0)
-        if resp:
-            return mock_responses.body(rid.replace("batchreq-", "resp_"), model, tokens, finish, use)
-        return mock_text.completion_body(rid, model, chat, tokens, finish, use)
+        out = mock_text.completion_body(rid, model, chat or resp, tokens, finish, use)
+        return mock_responses.body(req, out) if resp else out

@@ -13,7 +13,7 @@ finished mock: 7.7k-11k req/s, 55-66 us CPU/req non-streaming; 6.3k-9.3k req/s, 
 Streams: one token ("word ") per content chunk, the first also carrying the role, so there are
 completion_tokens - reasoning_tokens content chunks; then a finish chunk, the usage chunk (only
 with `stream_options.include_usage`), and `[DONE]`. `/v1/responses` answers the same tokens in the
-Responses API's shapes (mock_responses.py).
+Responses API's shapes (mock_responses.py: the chat answer through margin's chat bridge).
 
 Faults: `error_rate`, `timeout_rate` and `reset_rate` share one PRNG draw per POST request, seeded
 from `seed`, so a run with the same request order fails the same requests. Per-request `X-Mock-*`
@@ -176,31 +176,28 @@ class MockApp:
         chat, resp = path == "/v1/chat/completions", path == "/v1/responses"
         tps = ov.tokens_per_s if ov.tokens_per_s is not None else o.tokens_per_s
         ans = self._answer(req, model, chat, ov, resp)
-        rid = f"{'resp_' if resp else 'chatcmpl-' if chat else 'cmpl-'}mock{self.requests}"
+        rid = f"{'chatcmpl' if chat or resp else 'cmpl'}-mock{self.requests}"  # a Response is its chat answer
         tools = req.get("tools")
         if (chat or resp) and ov.tool_calls and isinstance(tools, list) and tools:  # X-Mock-Tool-Calls: n
             t0 = tools[0] if isinstance(tools[0], dict) else {}
             name = str(t0.get("name") or (t0.get("function") or {}).get("name") or "tool")
             calls = mock_text.tool_calls(name, ov.tool_calls, "".join(ans.tokens))
             await _sleep(ttft)
-            if resp:
-                opening, tail = mock_responses.events(rid, model, [], "stop", ans.usage, calls)
-                await _respond(send, 200, b"".join(opening) + tail if stream else
-                               mock_responses.body(rid, model, [], "stop", ans.usage, calls), _SSE if stream else _JSON)
-                return
             so = req.get("stream_options")
-            use = ans.usage if not stream or (isinstance(so, dict) and so.get("include_usage")) else None
-            await _respond(send, 200, mock_text.tool_call_events(rid, model, calls, use) if stream
-                           else mock_text.tool_call_body(rid, model, calls, ans.usage), _SSE if stream else _JSON)
+            use = ans.usage if not stream or resp or (isinstance(so, dict) and so.get("include_usage")) else None
+            out = (mock_text.tool_call_events(rid, model, calls, use) if stream
+                   else mock_text.tool_call_body(rid, model, calls, ans.usage))
+            if resp:
+                out = mock_responses.events(req, [], out)[1] if stream else mock_responses.body(req, out)
+            await _respond(send, 200, out, _SSE if stream else _JSON)
             return
         if stream:
             await self._stream(send, req, rid, model, chat, ans, ttft, reset, tps, resp)
             return
         await _sleep(ttft + (len(ans.tokens) / tps if tps > 0 else 0.0))
-        await _respond(send, 200, mock_responses.body(rid, model, ans.tokens, ans.finish_reason, ans.usage,
-                                                      logprob=self._logprob(req, ov)) if resp
-                       else mock_text.completion_body(rid, model, chat, ans.tokens, ans.finish_reason, ans.usage,
-                                                      self._logprob(req, ov)))
+        out = mock_text.completion_body(rid, model, chat or resp, ans.tokens, ans.finish_reason, ans.usage,
+                                        self._logprob(req, ov))
+        await _respond(send, 200, mock_responses.body(req, out) if resp else out)
 
     @property
     def _answers(self) -> dict[str, str]:
@@ -248,15 +245,14 @@ class MockApp:
     ) -> None:
         so = req.get("stream_options")
         include_usage = isinstance(so, dict) and so.get("include_usage") is True
-        if resp:  # a Responses stream always ends with its usage
-            events, tail = mock_responses.events(rid, model, ans.tokens, ans.finish_reason, ans.usage)
-        else:
-            events, tail = mock_text.stream_events(
-                rid, model, chat, ans.tokens, ans.finish_reason, ans.usage if include_usage else None
-            )
+        events, tail = mock_text.stream_events(  # a Responses stream always ends with its usage
+            rid, model, chat or resp, ans.tokens, ans.finish_reason, ans.usage if include_usage or resp else None
+        )
+        if resp:
+            events, tail = mock_responses.events(req, events, tail)
         await _sleep(ttft)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        cut = (len(ans.tokens) // 2 + (3 if resp else 0)) if reset else len(events)
+        cut = len(ans.tokens) // 2 if reset else len(events)
         if tps > 0:
             for i, ev in enumerate(events[:cut]):
                 if i:
