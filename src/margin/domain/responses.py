@@ -33,16 +33,29 @@ def _text(content: Any) -> str:
     return ""
 
 
+def input_items(payload: Mapping[str, Any]) -> list[Any]:
+    """A Responses call's `input` as a list of items: a string input is one user message."""
+    items = payload.get("input")
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    return items if isinstance(items, list) else []
+
+
+def turns(endpoint: str, payload: Mapping[str, Any]) -> list[Any]:
+    """A chat's messages or a Responses call's input items, as sent ([] for other endpoints)."""
+    if endpoint == "chat":
+        messages = payload.get("messages")
+        return messages if isinstance(messages, list) else []
+    return input_items(payload) if endpoint == "response" else []
+
+
 def as_messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     """`instructions` and `input` as chat messages: a string input is one user turn; message items
     keep their role; a function call is an assistant turn, its output a tool turn."""
     out: list[dict[str, Any]] = []
     if isinstance(payload.get("instructions"), str) and payload["instructions"]:
         out.append({"role": "developer", "content": payload["instructions"]})
-    items = payload.get("input")
-    if isinstance(items, str):
-        return [*out, {"role": "user", "content": items}]
-    for item in items if isinstance(items, list) else ():
+    for item in input_items(payload):
         if not isinstance(item, dict):
             continue
         kind = item.get("type", "message")

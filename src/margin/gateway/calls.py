@@ -67,8 +67,7 @@ def needed_capabilities(payload: dict[str, Any]) -> frozenset[str]:
 
 def turns(endpoint: Endpoint, payload: dict[str, Any]) -> int:
     """A chat's messages or a Responses call's input items: each costs some tokens of framing."""
-    listed = payload.get("messages") if endpoint == "chat" else payload.get("input") if endpoint == "response" else None
-    return len(listed) if isinstance(listed, list) else 0
+    return len(responses.turns(endpoint, payload))
 
 
 def estimate_input(endpoint: Endpoint, payload: dict[str, Any]) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from margin.domain import usd
+from margin.domain import responses, usd
 from margin.domain.budget import Budget, CounterState, Hold, RunCap, Threshold, from_units, to_units
 from margin.policy.budget import COUNTER_SLACK_S, Applied, scope_values
 
@@ -45,8 +45,8 @@ def parse_key(counter: str) -> tuple[str, str, str] | None:
 def message_hash(endpoint: str, payload: Mapping[str, Any]) -> str:
     """What loop detection compares: the newest message of a chat (a tool result or user turn
     repeated verbatim means the agent is going round in circles), or the whole prompt."""
-    listed = payload.get("messages") if endpoint == "chat" else payload.get("input") if endpoint == "response" else None
-    if endpoint == "chat" or (endpoint == "response" and isinstance(listed, list)):
+    if endpoint in ("chat", "response"):
+        listed = responses.turns(endpoint, payload)
         newest: Any = listed[-1] if listed else None
     else:
         newest = payload.get("prompt") if endpoint == "completion" else payload.get("input")

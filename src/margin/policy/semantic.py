@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from margin.domain import responses
 from margin.policy.cache import not_in_key
 
 
@@ -28,19 +29,11 @@ class SemanticKey:
     text: str
 
 
-def _turns(endpoint: str, payload: dict[str, Any]) -> list[Any] | None:
-    """A chat's messages, or a Responses call's input items (a string input is one user turn)."""
-    turns = payload.get("messages") if endpoint == "chat" else payload.get("input")
-    if isinstance(turns, str):
-        return [{"role": "user", "content": turns}]
-    return turns if isinstance(turns, list) else None
-
-
 def last_user_text(payload: dict[str, Any], endpoint: str = "chat") -> str | None:
     """The last turn's text if it is a user turn of plain text (or text parts only), else None.
 
     Images, audio or files in the turn make it unsuitable: the embedding would not see them."""
-    turns = _turns(endpoint, payload)
+    turns = responses.turns(endpoint, payload)
     if not turns:
         return None
     last = turns[-1]
@@ -67,7 +60,7 @@ def context_hash(endpoint: str, model: str, payload: dict[str, Any], tenant_id: 
     skip = not_in_key(endpoint)
     body = {k: v for k, v in payload.items() if k not in skip}
     field = "messages" if endpoint == "chat" else "input"
-    turns = list(_turns(endpoint, body) or [])
+    turns = list(responses.turns(endpoint, body))
     if turns and isinstance(turns[-1], dict):
         turns[-1] = {**turns[-1], "content": None}
     body[field] = turns

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from margin.domain import Endpoint
+from margin.domain.responses import input_items
 from margin.providers.base import Chunk, Provider, Reply, UpstreamError
 from margin.providers.usage import parse_usage
 
@@ -59,10 +60,7 @@ def _messages(provider: str, payload: Mapping[str, Any]) -> list[dict[str, Any]]
     out: list[dict[str, Any]] = []
     if isinstance(payload.get("instructions"), str) and payload["instructions"]:
         out.append({"role": "system", "content": payload["instructions"]})
-    items = payload.get("input")
-    if isinstance(items, str):
-        return [*out, {"role": "user", "content": items}]
-    for item in items if isinstance(items, list) else ():
+    for item in input_items(payload):
         kind = item.get("type", "message")
         if kind == "message":
             role = "system" if item.get("role") == "developer" else str(item.get("role"))
